@@ -1,0 +1,132 @@
+"""The one seam between HMT and a torchtune ``TransformerDecoder``.
+
+HMT needs four things from a decoder: embed token ids, run its layers on a sequence
+of embeddings (some of which are memory vectors, not tokens), apply the final norm,
+and project selected hidden states to the vocabulary. torchtune 0.6.1's decoder has
+no ``input_embeds`` argument and always projects every position to the vocabulary, so
+:func:`drive_decoder` adjusts two behaviours of one decoder *instance*, without touching
+its parameters, its state-dict keys or torchtune's code:
+
+* ``tok_embeddings`` passes floating-point input through unchanged (token ids are
+  embedded as before), so ``decoder(embeds)`` runs the layers on embeddings;
+* ``unembed`` returns the last hidden state, so ``decoder(...)`` ends before the final
+  norm and HMT projects only the positions a loss or a caller needs, with the decoder's
+  own (class-level) ``unembed``: norm, output projection (``nn.Linear``, LoRA or
+  ``TiedLinear``) and the cast to float32.
+"""
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from torchtune.models.gemma.gemma_norm_embedding import GemmaNormEmbeddings
+from torchtune.modules import TransformerDecoder, TransformerSelfAttentionLayer
+
+
+class BackboneError(TypeError):
+    """The model handed to HMT is not a decoder HMT can drive."""
+
+
+class _FloatPassthroughEmbedding(nn.Embedding):
+    """``nn.Embedding`` that returns floating-point input as it is (already embedded)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            return x
+        return super().forward(x)
+
+
+class _FloatPassthroughGemmaEmbedding(GemmaNormEmbeddings):
+    """Gemma scales embeddings by ``sqrt(dim)``; Hugging Face Gemma applies the same scale to
+    ``inputs_embeds``, so memory vectors get it too (what the published code does on Gemma)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            return x * torch.tensor(math.sqrt(self.embedding_dim), dtype=x.dtype)
+        return super().forward(x)
+
+
+_PASSTHROUGH = {
+    nn.Embedding: _FloatPassthroughEmbedding,
+    GemmaNormEmbeddings: _FloatPassthroughGemmaEmbedding,
+    _FloatPassthroughEmbedding: _FloatPassthroughEmbedding,
+    _FloatPassthroughGemmaEmbedding: _FloatPassthroughGemmaEmbedding,
+}
+
+
+def _return_hidden(h: torch.Tensor) -> torch.Tensor:
+    return h
+
+
+def drive_decoder(decoder: nn.Module) -> TransformerDecoder:
+    """Check that ``decoder`` is a text ``TransformerDecoder`` and adjust it as described in
+    the module docstring. Idempotent. Returns the same object.
+
+    Raises:
+        BackboneError: for anything else (vision/fusion models, a custom embedding class,
+            chunked output already switched on, ...), naming what is wrong.
+    """
+    if not isinstance(decoder, TransformerDecoder):
+        raise BackboneError(
+            f"HMT wraps a torchtune TransformerDecoder (llama2/3, qwen2, mistral, gemma, phi3 "
+            f"builders and their LoRA/QLoRA variants); got {type(decoder).__name__}. Pass a "
+            "text decoder builder as `backbone`."
+        )
+    embedding = decoder.tok_embeddings
+    passthrough = _PASSTHROUGH.get(type(embedding))
+    if passthrough is None:
+        raise BackboneError(
+            f"HMT cannot feed memory embeddings through tok_embeddings of type "
+            f"{type(embedding).__name__} (fusion/vision models are not supported). Use a "
+            "text-only decoder."
+        )
+    if not all(isinstance(layer, TransformerSelfAttentionLayer) for layer in decoder.layers):
+        raise BackboneError(
+            "HMT needs a decoder made only of self-attention layers; this one has "
+            "cross-attention or fusion layers. Use a text-only decoder."
+        )
+    embedding.__class__ = passthrough
+    # Chunked output returns a list meant for CEWithChunkedOutputLoss; HMT computes its
+    # cross-entropy itself, segment by segment, on the positions that need it.
+    decoder.num_output_chunks = 0
+    # An instance attribute shadows TransformerDecoder.unembed for this object only.
+    decoder.unembed = _return_hidden
+    return decoder
+
+
+def embed_dim_of(decoder: TransformerDecoder) -> int:
+    return decoder.tok_embeddings.embedding_dim
+
+
+def vocab_size_of(decoder: TransformerDecoder) -> int:
+    return decoder.tok_embeddings.num_embeddings
+
+
+def run_layers(
+    decoder: TransformerDecoder,
+    embeds: torch.Tensor,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    input_pos: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Decoder layers on embeddings.
+
+    Args:
+        decoder: a decoder prepared by :func:`drive_decoder`.
+        embeds (torch.Tensor): ``[b, s, d]`` input embeddings.
+        mask (Optional[torch.Tensor]): ``[b, s, s]`` bool attention mask (True = attend), or
+            None for plain causal attention.
+        input_pos (Optional[torch.Tensor]): ``[b, s]`` or ``[s]`` RoPE positions, or None
+            for ``0..s-1``.
+
+    Returns:
+        torch.Tensor: ``[b, s, d]`` hidden state before the final norm.
+    """
+    return decoder(embeds, mask=mask, input_pos=input_pos)
+
+
+def project(decoder: TransformerDecoder, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm + output projection (the decoder's own ``unembed``) on ``[b, s, d]`` hidden
+    states before the norm. Returns ``[b, s, v]`` float32 logits."""
+    return type(decoder).unembed(decoder, hidden)

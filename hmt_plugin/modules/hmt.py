@@ -1,0 +1,705 @@
+"""The Hierarchical Memory Transformer wrapper (He et al., NAACL 2025, arXiv 2405.06067)."""
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+from torchtune.modules import TransformerDecoder
+
+from hmt_plugin.modules.backbone import (
+    drive_decoder,
+    embed_dim_of,
+    project,
+    run_layers,
+    vocab_size_of,
+)
+from hmt_plugin.modules.hmt_config import HMTConfig, HMTConfigError
+from hmt_plugin.modules.layout import ragged_layout
+from hmt_plugin.modules.recall import MemoryRecall
+from hmt_plugin.modules.state import HMTState
+
+LogitsPolicy = Union[str, int]
+
+
+@dataclass
+class HMTOutput:
+    """What one :class:`HMT` call returns.
+
+    Attributes:
+        logits (Optional[torch.Tensor]): ``[b, t_k, v]`` float32 logits of the input positions
+            ``logits_start .. t-1`` (all of them, the last ``k`` segments', or None, as asked).
+        logits_start (int): input position of ``logits[:, 0]``.
+        nll (Optional[torch.Tensor]): ``[b, t]`` float32, ``-log p(labels[:, j] | everything
+            before j)`` where labels are given and not ignored, else 0. Position 0 of a
+            continued document is predicted from the previous call's last token.
+        memories (Optional[torch.Tensor]): ``[b, s, m, d]`` memory embedding M_n written by
+            each segment of this call (None in ``baseline`` mode).
+        summaries (Optional[torch.Tensor]): ``[b, s, m, d]`` segment summaries S_n, the recall
+            queries (``hmt`` mode only).
+        recall_scores (Optional[torch.Tensor]): ``[b, s, m, cache_size]`` float32 recall
+            weights, right-aligned: index ``-j`` is the memory written ``j`` memory vectors
+            before the segment (``hmt`` mode; zeros where nothing was recalled).
+        state (HMTState): pass to the next call to continue the same documents.
+    """
+
+    logits: Optional[torch.Tensor]
+    logits_start: int
+    nll: Optional[torch.Tensor]
+    memories: Optional[torch.Tensor]
+    summaries: Optional[torch.Tensor]
+    recall_scores: Optional[torch.Tensor]
+    state: HMTState
+
+    def recall_distance(self, num_memory_tokens: int = 1) -> Optional[torch.Tensor]:
+        """``[b, s]`` how many segments back each segment's strongest recall looks (the
+        paper's Figure 11, the published code's "hist"); -1 where nothing was recalled."""
+        if self.recall_scores is None:
+            return None
+        scores = self.recall_scores[:, :, 0]
+        n = scores.shape[-1]
+        vectors_back = n - scores.argmax(dim=-1)
+        segments_back = (vectors_back + num_memory_tokens - 1) // num_memory_tokens
+        return torch.where(scores.sum(-1) > 0, segments_back, torch.full_like(segments_back, -1))
+
+
+class HMT(nn.Module):
+    """Hierarchical Memory Transformer around a torchtune ``TransformerDecoder``.
+
+    A document is read in segments of ``config.tokens_per_segment`` new tokens. For segment n:
+
+    1. representation encoding: S_n = final-norm hidden state at the end of the backbone run
+       on ``[mem; first summary_tokens of x_n; mem]`` (all segments in one batched call);
+    2. memory search: P_n = softmax(q(S_n) k(C)^T / scale) C over the cache C of the last
+       ``cache_size`` memory embeddings (the learnable ``initial_memory`` for the first segment);
+    3. memory recall: the backbone reads ``[P_n; sensory; x_n; P_n]`` (sensory = the last
+       ``num_sensory`` tokens of segment n-1), giving the logits of x_n and the new memory
+       M_n = final-norm hidden state of the last position, which joins the cache.
+
+    ``rmt`` and ``hmt_stage1`` carry M_{n-1} directly as P_n (without / with sensory tokens),
+    ``baseline`` runs the backbone on each segment alone.
+
+    The backbone keeps its own parameter names under ``backbone.``, so torchtune's
+    checkpointers and weight converters apply to ``model.backbone`` unchanged. New parameters:
+    ``initial_memory`` ``[m, d]``, ``summary_token`` ``[m, d]`` (the paper's ``mem``) and
+    ``recall.{q,k}_proj.weight`` ``[d_h, d]``.
+
+    Args:
+        backbone (TransformerDecoder): any torchtune text decoder, LoRA/QLoRA variants included.
+        config (HMTConfig): HMT settings.
+    """
+
+    def __init__(self, backbone: TransformerDecoder, config: HMTConfig) -> None:
+        super().__init__()
+        self.backbone = drive_decoder(backbone)
+        if config.segment_length > self.backbone.max_seq_len:
+            raise HMTConfigError(
+                f"segment_length={config.segment_length} is longer than the backbone's "
+                f"max_seq_len={self.backbone.max_seq_len}; lower segment_length or build the "
+                "backbone with a larger max_seq_len."
+            )
+        self.config = config
+        dim = embed_dim_of(self.backbone)
+        m = config.num_memory_tokens
+        if config.uses_memory:
+            self.initial_memory = nn.Parameter(torch.empty(m, dim))
+        if config.uses_recall:
+            self.summary_token = nn.Parameter(torch.empty(m, dim))
+            self.recall = MemoryRecall(dim, config.recall_hidden_dim or dim, config.score_scale)
+        self.reset_hmt_parameters()
+
+    # ------------------------------------------------------------------ parameters
+    def hmt_parameter_names(self) -> List[str]:
+        """Names of the parameters HMT adds to the backbone."""
+        return [n for n, _ in self.named_parameters() if not n.startswith("backbone.")]
+
+    def adapter_params(self) -> List[str]:
+        """torchtune's ``get_adapter_params`` collects these, so LoRA recipes train the HMT
+        parameters along with the adapters (its ``set_trainable_params`` would freeze them)."""
+        return self.hmt_parameter_names()
+
+    def hmt_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The HMT parameters alone (the backbone's go through torchtune's checkpointer)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def fresh_hmt_state_dict(
+        self, embedding_std: float, generator: Optional[torch.Generator] = None
+    ) -> Dict[str, torch.Tensor]:
+        """Initial HMT parameters as full CPU float32 tensors, as the published code draws them:
+        memory embeddings ~ N(0, std of the token embeddings), recall projections as
+        ``nn.Linear`` does. Works on a model built on the meta device (only shapes are read),
+        so distributed recipes can initialise before sharding."""
+        out = {}
+        for name, param in self.named_parameters():
+            if name.startswith("backbone."):
+                continue
+            value = torch.empty(param.shape, dtype=torch.float32)
+            if name in ("initial_memory", "summary_token"):
+                value.normal_(0.0, float(embedding_std), generator=generator)
+            else:
+                nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
+            out[name] = value
+        return out
+
+    def reset_hmt_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Re-draw the HMT parameters from the current token embeddings (call it after loading
+        pretrained backbone weights when no HMT checkpoint exists). No-op on meta tensors."""
+        weight = self.backbone.tok_embeddings.weight
+        params = {n: p for n, p in self.named_parameters() if not n.startswith("backbone.")}
+        if not params or weight.is_meta or any(p.is_meta for p in params.values()):
+            return
+        fresh = self.fresh_hmt_state_dict(weight.detach().float().std().item(), generator)
+        with torch.no_grad():
+            for name, value in fresh.items():
+                params[name].copy_(value)
+
+    def set_mode(self, mode: str) -> None:
+        """Run the same weights in another mode: ``hmt`` -> ``hmt_stage1`` (recall ablation),
+        ``rmt`` or ``baseline``. A mode needing parameters this model lacks is refused."""
+        new = self.config.with_mode(mode)
+        if new.uses_recall and not hasattr(self, "recall"):
+            raise HMTConfigError(
+                f"mode={mode!r} needs recall parameters this {self.config.mode!r} model does not "
+                "have; build the model with mode='hmt' and load the stage-1 weights into it."
+            )
+        if new.uses_memory and not hasattr(self, "initial_memory"):
+            raise HMTConfigError(
+                f"mode={mode!r} needs memory parameters a 'baseline' model does not have."
+            )
+        if new.segment_length > self.backbone.max_seq_len:
+            raise HMTConfigError("segment_length exceeds the backbone's max_seq_len.")
+        self.config = new
+
+    def set_num_output_chunks(self, num_output_chunks: int) -> None:
+        """Accepted for torchtune recipe compatibility; HMT computes its cross-entropy per
+        segment on the positions that need it, so chunked output is never used."""
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        mask: Optional[torch.Tensor] = None,
+        seq_lens: Optional[Union[torch.Tensor, Sequence[int]]] = None,
+        labels: Optional[torch.Tensor] = None,
+        state: Optional[HMTState] = None,
+        logits: LogitsPolicy = "all",
+        loss_scope: str = "all",
+    ) -> HMTOutput:
+        """Read ``tokens`` segment by segment.
+
+        Args:
+            tokens (torch.Tensor): ``[b, t]`` token ids, right-padded.
+            mask (Optional[torch.Tensor]): ``[b, t]`` bool, True on real tokens (a prefix of
+                each row). Or give ``seq_lens``; neither means every token is real.
+            seq_lens (Optional): per row, the number of real tokens.
+            labels (Optional[torch.Tensor]): ``[b, t]`` targets, normally ``tokens`` with
+                ``CROSS_ENTROPY_IGNORE_IDX`` (-100) where no loss is wanted; not shifted
+                (position j is predicted from position j-1). Gives ``nll``.
+            state (Optional[HMTState]): the ``state`` of a previous call on the same documents.
+            logits: ``"all"``, ``"none"`` or an int k: logits of the last k segments (the
+                published code's ``num_seg_save``).
+            loss_scope (str): ``"all"`` or ``"last"``: where ``nll`` carries gradients. With
+                ``"last"`` only the targets in each row's last segment do (the published
+                training loss); the others are computed without a graph, for logging.
+
+        Returns:
+            HMTOutput
+        """
+        cfg = self.config
+        if loss_scope not in ("all", "last"):
+            raise ValueError(f"loss_scope={loss_scope!r}: use 'all' or 'last'.")
+        if not (logits in ("all", "none") or (isinstance(logits, int) and logits >= 0)):
+            raise ValueError(f"logits={logits!r}: use 'all', 'none' or a number of segments.")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, length]; got shape {tuple(tokens.shape)}.")
+        batch, width = tokens.shape
+        if labels is not None and labels.shape != tokens.shape:
+            raise ValueError(
+                f"labels shape {tuple(labels.shape)} differs from tokens {tuple(tokens.shape)}."
+            )
+        lengths = self._row_lengths(tokens, mask, seq_lens)
+        if state is None:
+            state = HMTState(segments_seen=[0] * batch)
+        elif state.batch_size != batch:
+            raise ValueError(
+                f"state is for {state.batch_size} rows but tokens have {batch}; pass the state "
+                "of a call on the same batch of documents."
+            )
+        return _Reader(self, tokens, labels, lengths, state, logits, loss_scope).run()
+
+    def _row_lengths(
+        self,
+        tokens: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        seq_lens: Optional[Union[torch.Tensor, Sequence[int]]],
+    ) -> List[int]:
+        """Real tokens per row, checked along with the token ids in one device sync."""
+        batch, width = tokens.shape
+        vocab = vocab_size_of(self.backbone)
+        ar = torch.arange(width, device=tokens.device)
+        checks = []
+        if seq_lens is not None:
+            lengths = [int(x) for x in (seq_lens.tolist() if torch.is_tensor(seq_lens) else seq_lens)]
+            if len(lengths) != batch or any(not 0 <= n <= width for n in lengths):
+                raise ValueError(
+                    f"seq_lens={lengths} must give one length in [0, {width}] per row."
+                )
+            real = ar[None, :] < torch.tensor(lengths, device=tokens.device)[:, None]
+        elif mask is not None:
+            if mask.shape != tokens.shape:
+                raise ValueError(
+                    f"mask shape {tuple(mask.shape)} differs from tokens {tuple(tokens.shape)}."
+                )
+            real = mask.to(torch.bool)
+            counts = real.sum(dim=1)
+            prefix = ar[None, :] < counts[:, None]
+            checks = [counts, (prefix != real).any()[None].long()]
+            lengths = None
+        else:
+            real = None
+            lengths = [width] * batch
+        bad = (tokens < 0) | (tokens >= vocab)
+        if real is not None:
+            bad &= real
+        checks.append(bad.any()[None].long())
+        values = torch.cat(checks).tolist()
+        if values[-1]:
+            raise ValueError(
+                f"tokens hold ids outside the backbone's vocabulary [0, {vocab}); check that the "
+                "tokenizer matches the model (vocab_size) and that padding is masked."
+            )
+        if lengths is None:
+            lengths = values[:batch]
+            if values[batch]:
+                raise ValueError(
+                    "mask must be True on a prefix of each row (right padding); got holes or "
+                    "left padding."
+                )
+        return lengths
+
+
+class _Reader:
+    """One :meth:`HMT.forward` call: plans the segments on the host from the row lengths (so
+    no step needs to wait for the device), then runs the batched representation pass and
+    the sequential recall passes."""
+
+    def __init__(
+        self,
+        model: HMT,
+        tokens: torch.Tensor,
+        labels: Optional[torch.Tensor],
+        lengths: List[int],
+        state: HMTState,
+        logits_policy: LogitsPolicy,
+        loss_scope: str,
+    ) -> None:
+        self.model = model
+        self.cfg = model.config
+        self.decoder = model.backbone
+        self.device = tokens.device
+        self.batch = tokens.shape[0]
+        self.new_width = tokens.shape[1]
+        self.logits_policy = logits_policy
+        self.loss_scope = loss_scope
+        self.state_in = state
+        self.block = self.cfg.tokens_per_segment
+        self.m = self.cfg.memory_tokens_used
+        self.k = self.cfg.sensory_tokens_used
+        self._merge_pending(tokens, labels, lengths)
+
+    # ------------------------------------------------------------------ planning
+    def _merge_pending(
+        self, tokens: torch.Tensor, labels: Optional[torch.Tensor], lengths: List[int]
+    ) -> None:
+        """Put the unfinished segment of the previous call in front of each continued row.
+
+        Rows without new tokens are left as they are (their state passes through)."""
+        st = self.state_in
+        active = [n > 0 for n in lengths]
+        pend = st.pending_lengths if st.pending is not None else [0] * self.batch
+        pend = [p if a else 0 for p, a in zip(pend, active)]
+        self.active = active
+        self.offsets = pend
+        self.lengths = [p + n if a else 0 for p, n, a in zip(pend, lengths, active)]
+        fill = CROSS_ENTROPY_IGNORE_IDX
+        if labels is None:
+            targets = None
+        else:
+            real = torch.tensor(lengths, device=self.device)[:, None] > torch.arange(
+                self.new_width, device=self.device
+            )
+            targets = labels.masked_fill(~real, fill)
+        active_pend = {p for p, a in zip(pend, active) if a}
+        if max(pend) == 0:
+            self.tokens, self.targets = tokens, targets
+        elif len(active_pend) == 1:
+            p = active_pend.pop()
+            self.tokens = torch.cat([st.pending[:, :p].to(tokens), tokens], dim=1)
+            self.targets = None if targets is None else F.pad(targets, (p, 0), value=fill)
+            self.offsets = [p] * self.batch
+        else:
+            width = max(pend) + self.new_width
+            rows, trows = [], []
+            for b in range(self.batch):
+                row = torch.cat([st.pending[b, : pend[b]].to(tokens), tokens[b]])
+                rows.append(F.pad(row, (0, width - row.numel())))
+                if targets is not None:
+                    trows.append(F.pad(targets[b], (pend[b], width - row.numel()), value=fill))
+            self.tokens = torch.stack(rows)
+            self.targets = torch.stack(trows) if targets is not None else None
+        self.width = self.tokens.shape[1]
+        self.n_segments = -(-self.width // self.block) if self.width else 0
+        self.widths = [
+            min(self.block, self.width - n * self.block) for n in range(self.n_segments)
+        ]
+        self.seg_lens = [
+            [max(0, min(w, length - n * self.block)) for length in self.lengths]
+            for n, w in enumerate(self.widths)
+        ]
+
+    def _check_stages(self) -> bool:
+        """True when the active rows start fresh (no complete segment read yet)."""
+        seen = [s for s, a in zip(self.state_in.segments_seen, self.active) if a]
+        fresh = [s == 0 for s in seen]
+        if any(fresh) and not all(fresh):
+            raise ValueError(
+                "this batch mixes documents that start fresh with documents continued from a "
+                "state; read them in separate calls (or align their starts)."
+            )
+        return all(fresh)
+
+    # ------------------------------------------------------------------ the read
+    def run(self) -> HMTOutput:
+        model, cfg, m, k = self.model, self.cfg, self.m, self.k
+        fresh = self._check_stages()
+        if self.n_segments == 0:
+            return self._finish([], [], [], [], self._first_target_nll(None), None, {-1: self.state_in})
+        embed = self.decoder.tok_embeddings
+        dtype = embed.weight.dtype
+        summaries = self._summaries() if cfg.uses_recall else None
+
+        st = self.state_in
+        memory = st.memory
+        sensory = st.sensory
+        cache, keys, valid = st.cache, st.cache_keys, st.cache_valid
+        last_hidden = st.last_hidden
+        memories, scores_out, logits_out, nll_pred, snaps = [], [], [], [], {}
+        snap_rows = self._snapshot_rows()
+        if -1 in snap_rows:
+            snaps[-1] = self.state_in
+        nll_first = self._first_target_nll(last_hidden)
+
+        for n in range(self.n_segments):
+            start, w = n * self.block, self.widths[n]
+            x = self.tokens[:, start : start + w]
+            first = fresh and n == 0
+            recalled = None
+            if not cfg.uses_memory:
+                prefix = None
+            elif first:
+                prefix = model.initial_memory.to(dtype).expand(self.batch, m, -1)
+            elif cfg.uses_recall:
+                prefix, recalled = model.recall(summaries[:, n], cache, keys, valid)
+                prefix = prefix.to(dtype)
+            else:
+                prefix = memory.to(dtype)
+            k_n = 0 if first else k
+            ids = torch.cat([sensory.to(x), x], dim=1) if k_n else x
+            h = embed(ids)
+            if prefix is not None:
+                h = torch.cat([prefix, h, prefix], dim=1)
+            counts = [[m, k_n, self.seg_lens[n][b], m] for b in range(self.batch)]
+            attn_mask, positions = ragged_layout(counts, [m, k_n, w, m], self.device)
+            hidden = run_layers(self.decoder, h, mask=attn_mask, input_pos=positions)
+            token_hidden = hidden[:, m + k_n : m + k_n + w]
+            self._outputs(n, token_hidden, logits_out, nll_pred)
+
+            if cfg.uses_memory:
+                memory = self.decoder.norm(hidden[:, hidden.shape[1] - m :])
+                memories.append(memory)
+            if cfg.uses_recall:
+                scores_out.append(recalled)
+                cache, keys, valid = self._remember(memory, cache, keys, valid)
+            if k and w >= k:
+                sensory = x[:, w - k :]
+            last_hidden = token_hidden[:, -1:]
+            if (n + 1) % cfg.bptt_depth == 0:
+                # Truncated BPTT: nothing later in this call backpropagates into segment n
+                # or earlier. (The published code's manage_gradients rebinds a local name,
+                # so its truncation never happens.)
+                memory = memory.detach() if memory is not None else None
+                cache = cache.detach() if cache is not None else None
+                keys = keys.detach() if keys is not None else None
+            if n in snap_rows:
+                snaps[n] = HMTState(
+                    segments_seen=[],
+                    memory=memory,
+                    sensory=sensory,
+                    cache=cache,
+                    cache_keys=keys,
+                    cache_valid=valid,
+                    last_hidden=last_hidden,
+                )
+        return self._finish(memories, scores_out, logits_out, nll_pred, nll_first, summaries, snaps)
+
+    def _summaries(self) -> torch.Tensor:
+        """Representation encoding of every segment in one batched backbone call.
+
+        Returns ``[b, s, m, d]``: final-norm hidden state at the trailing ``mem`` of
+        ``[mem; first summary_tokens of the segment; mem]``."""
+        b, s, m = self.batch, self.n_segments, self.cfg.num_memory_tokens
+        h = self.cfg.summary_tokens
+        grid = F.pad(self.tokens, (0, s * self.block - self.width)).view(b, s, self.block)
+        ids = grid[:, :, :h].reshape(b * s, h)
+        embed = self.decoder.tok_embeddings
+        probe = self.model.summary_token.to(embed.weight.dtype).expand(b * s, m, -1)
+        x = torch.cat([probe, embed(ids), probe], dim=1)
+        counts = [[m, min(h, self.seg_lens[n][row]), m] for row in range(b) for n in range(s)]
+        attn_mask, positions = ragged_layout(counts, [m, h, m], self.device)
+        hidden = run_layers(self.decoder, x, mask=attn_mask, input_pos=positions)
+        out = self.decoder.norm(hidden[:, hidden.shape[1] - m :])
+        return out.view(b, s, m, -1)
+
+    def _remember(self, memory, cache, keys, valid):
+        """Append M_n (and its recall key) to the cache; keep the last ``cache_size`` vectors."""
+        new_keys = self.model.recall.keys(memory)
+        if cache is None:
+            cache, keys = memory, new_keys
+        else:
+            cache = torch.cat([cache, memory], dim=1)
+            keys = torch.cat([keys, new_keys], dim=1)
+            if valid is not None:
+                valid = F.pad(valid, (0, memory.shape[1]), value=True)
+        n = self.cfg.cache_size
+        if cache.shape[1] > n:
+            cache, keys = cache[:, -n:], keys[:, -n:]
+            valid = valid[:, -n:] if valid is not None else None
+        return cache, keys, valid
+
+    # ------------------------------------------------------------------ outputs
+    def _kept(self, n: int) -> bool:
+        policy = self.logits_policy
+        if policy == "all":
+            return True
+        if policy == "none":
+            return False
+        return n >= self.n_segments - policy
+
+    def _last_segment(self) -> List[int]:
+        return [(length - 1) // self.block if length else -1 for length in self.lengths]
+
+    def _outputs(self, n, token_hidden, logits_out, nll_pred) -> None:
+        """Logits (if kept) and next-token NLL of segment n's positions, without building a
+        graph for positions no loss needs."""
+        keep = self._kept(n)
+        if not keep and self.targets is None:
+            return
+        start, w = n * self.block, token_hidden.shape[1]
+        targets = None
+        if self.targets is not None:
+            nxt = self.targets[:, start + 1 : start + w + 1]
+            targets = F.pad(nxt, (0, w - nxt.shape[1]), value=CROSS_ENTROPY_IGNORE_IDX)
+        if keep:
+            logits = project(self.decoder, token_hidden)
+            logits_out.append(logits)
+            if targets is not None:
+                nll_pred.append(_nll(logits, targets))
+            return
+        grad_from = w
+        if not torch.is_grad_enabled():
+            grad_from = w
+        elif self.loss_scope == "all":
+            grad_from = 0
+        else:
+            for last in self._last_segment():
+                if last == n:
+                    grad_from = 0
+                elif last == n + 1:
+                    grad_from = min(grad_from, w - 1)
+        parts = []
+        if grad_from > 0:
+            with torch.no_grad():
+                parts.append(_nll(project(self.decoder, token_hidden[:, :grad_from]), targets[:, :grad_from]))
+        if grad_from < w:
+            parts.append(_nll(project(self.decoder, token_hidden[:, grad_from:]), targets[:, grad_from:]))
+        nll_pred.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+
+    def _first_target_nll(self, last_hidden: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """``[b, 1]`` NLL of each row's first target, predicted by the previous call's last
+        token (0 for documents that start here)."""
+        if self.targets is None:
+            return None
+        if last_hidden is None:
+            return torch.zeros(self.batch, 1, device=self.device)
+        continued = torch.tensor(
+            [s > 0 for s in self.state_in.segments_seen], device=self.device
+        )[:, None]
+        first = self.targets[:, :1].masked_fill(~continued, CROSS_ENTROPY_IGNORE_IDX)
+        return _nll(project(self.decoder, last_hidden), first)
+
+    def _snapshot_rows(self) -> Dict[int, List[int]]:
+        """Segment after which each row's state is final: its last complete segment (-1: the
+        incoming state). A trailing partial segment becomes ``pending`` instead."""
+        rows: Dict[int, List[int]] = {}
+        for b, (length, active) in enumerate(zip(self.lengths, self.active)):
+            at = length // self.block - 1 if active else -1
+            rows.setdefault(at, []).append(b)
+        return rows
+
+    def _finish(self, memories, scores, logits_out, nll_pred, nll_first, summaries, snaps) -> HMTOutput:
+        b = self.batch
+        cfg = self.cfg
+        state = self._final_state(snaps)
+        mem = torch.stack(memories, dim=1) if memories else None
+        rec = None
+        if cfg.uses_recall and memories:
+            n_slots = cfg.cache_size
+            padded = []
+            for s in scores:
+                if s is None:
+                    padded.append(torch.zeros(b, cfg.num_memory_tokens, n_slots, device=self.device))
+                else:
+                    padded.append(F.pad(s, (n_slots - s.shape[-1], 0)))
+            rec = torch.stack(padded, dim=1)
+        logits, logits_start = None, self.new_width
+        if logits_out:
+            combined = torch.cat(logits_out, dim=1)
+            first_kept = self.width - combined.shape[1]
+            logits, logits_start = self._to_input_coords(combined, first_kept)
+        nll = None
+        if nll_first is not None:
+            # Position j's target is predicted at position j-1: shift predictions onto targets.
+            pred = torch.cat([nll_first, *nll_pred], dim=1)[:, : self.width]
+            nll, _ = self._to_input_coords(pred, 0)
+        return HMTOutput(
+            logits=logits,
+            logits_start=logits_start,
+            nll=nll,
+            memories=mem,
+            summaries=summaries,
+            recall_scores=rec,
+            state=state,
+        )
+
+    def _to_input_coords(self, values: torch.Tensor, start: int) -> Tuple[torch.Tensor, int]:
+        """Map ``[b, w, ...]`` values covering merged positions ``start..`` back onto the
+        caller's token positions (the merged rows may begin with pending tokens)."""
+        offsets = self.offsets
+        if len(set(offsets)) == 1:
+            drop = max(0, offsets[0] - start)
+            return values[:, drop:], start + drop - offsets[0]
+        if start != 0:
+            raise ValueError(
+                "rows continue unfinished segments of different lengths; ask for logits='all' "
+                "or 'none' (or continue calls on segment boundaries)."
+            )
+        index = torch.arange(self.new_width, device=self.device)[None, :] + torch.tensor(
+            offsets, device=self.device
+        )[:, None]
+        index = index.clamp(max=values.shape[1] - 1)
+        if values.dim() == 3:
+            index = index[:, :, None].expand(-1, -1, values.shape[-1])
+        return values.gather(1, index), 0
+
+    def _final_state(self, snaps: Dict[int, HMTState]) -> HMTState:
+        """Per row, the state after its last complete segment, plus its unfinished tail."""
+        b = self.batch
+        rows = self._snapshot_rows()
+        seen_in = self.state_in.segments_seen
+        seen = list(seen_in)
+        for at, members in rows.items():
+            for r in members:
+                seen[r] = seen_in[r] + at + 1
+        tails = []
+        for r in range(b):
+            if not self.active[r]:
+                p = self.state_in.pending_lengths[r] if self.state_in.pending is not None else 0
+                tails.append(self.state_in.pending[r, :p] if p else None)
+            else:
+                full = (self.lengths[r] // self.block) * self.block
+                tails.append(self.tokens[r, full : self.lengths[r]] if self.lengths[r] > full else None)
+        pend_len = [0 if t is None else t.numel() for t in tails]
+        pending = None
+        if max(pend_len) > 0:
+            pending = torch.zeros(b, max(pend_len), dtype=self.tokens.dtype, device=self.device)
+            for r, t in enumerate(tails):
+                if t is not None:
+                    pending[r, : t.numel()] = t
+        if len(rows) == 1:
+            (at,) = rows
+            src = snaps[at]
+            merged = HMTState(
+                segments_seen=seen,
+                memory=src.memory,
+                sensory=src.sensory,
+                cache=src.cache,
+                cache_keys=src.cache_keys,
+                cache_valid=src.cache_valid,
+                last_hidden=src.last_hidden,
+            )
+        else:
+            merged = _merge_rows(snaps, rows, seen, b)
+        merged.pending = pending
+        merged.pending_lengths = pend_len if pending is not None else None
+        return merged.detach()
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[b, w, v]`` logits and ``[b, w]`` targets -> ``[b, w]`` float32 NLL (0 where ignored)."""
+    b, w = targets.shape
+    if w == 0:
+        return logits.new_zeros(b, 0, dtype=torch.float32)
+    loss = F.cross_entropy(
+        logits.reshape(b * w, -1).float(),
+        targets.reshape(-1).long(),
+        ignore_index=CROSS_ENTROPY_IGNORE_IDX,
+        reduction="none",
+    )
+    return loss.view(b, w)
+
+
+def _merge_rows(
+    snaps: Dict[int, HMTState], rows: Dict[int, List[int]], seen: List[int], batch: int
+) -> HMTState:
+    """Assemble one state from per-row snapshots taken at different segments. Caches of
+    different lengths are left-padded with invalid slots (oldest end)."""
+    fields = ("memory", "sensory", "last_hidden")
+    picked = {f: [None] * batch for f in fields}
+    caches = [None] * batch
+    for at, members in rows.items():
+        src = snaps[at]
+        for r in members:
+            for f in fields:
+                t = getattr(src, f)
+                picked[f][r] = None if t is None else t[r]
+            if src.cache is not None:
+                v = src.cache_valid[r] if src.cache_valid is not None else None
+                caches[r] = (src.cache[r], src.cache_keys[r], v)
+
+    def stack(items):
+        ref = next((t for t in items if t is not None), None)
+        if ref is None:
+            return None
+        return torch.stack([t if t is not None else torch.zeros_like(ref) for t in items])
+
+    out = HMTState(segments_seen=seen, **{f: stack(picked[f]) for f in fields})
+    ref = next((c for c in caches if c is not None), None)
+    if ref is not None:
+        size = max(c[0].shape[0] for c in caches if c is not None)
+        vals, ks, oks = [], [], []
+        for c in caches:
+            if c is None:
+                c = (ref[0][:0], ref[1][:0], None)
+            v, k, ok = c
+            if ok is None:
+                ok = torch.ones(v.shape[0], dtype=torch.bool, device=v.device)
+            pad = size - v.shape[0]
+            vals.append(F.pad(v, (0, 0, pad, 0)))
+            ks.append(F.pad(k, (0, 0, pad, 0)))
+            oks.append(F.pad(ok, (pad, 0), value=False))
+        out.cache, out.cache_keys, out.cache_valid = torch.stack(vals), torch.stack(ks), torch.stack(oks)
+    return out

@@ -1,0 +1,159 @@
+"""HMT hyperparameters: one frozen dataclass, validated once, shared by the model,
+the data pipeline (which needs the number of new tokens per segment) and the
+checkpoint files (which store it as JSON beside the weights)."""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+MODES = ("baseline", "rmt", "hmt_stage1", "hmt")
+SCORE_SCALES = ("sqrt", "linear", "published")
+
+
+class HMTConfigError(ValueError):
+    """A bad HMT setting. The message names the setting and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class HMTConfig:
+    """Settings of a Hierarchical Memory Transformer.
+
+    Args:
+        segment_length (int): tokens per backbone call on a segment, memory and sensory
+            tokens included (the published code's ``segment_length``). The number of new
+            document tokens each segment reads is :attr:`tokens_per_segment`.
+        mode (str): ``"hmt"`` (full model), ``"hmt_stage1"`` (sensory memory and a memory
+            embedding carried from the previous segment, no recall), ``"rmt"`` (carried memory
+            embedding only) or ``"baseline"`` (the backbone on each segment, no memory).
+        num_memory_tokens (int): memory embeddings per segment (the paper uses 1).
+        num_sensory (int): k, tokens of the previous segment repeated in front of the
+            current one (``hmt`` and ``hmt_stage1`` only).
+        sum_fraction (float): the representation pass reads the first
+            ``round(tokens_per_segment * sum_fraction)`` tokens of a segment.
+        recall_hidden_dim (Optional[int]): d_h, hidden size of the recall query/key
+            projections. ``None`` means the backbone's embedding dim.
+        cache_size (int): N, memory embeddings kept for recall (``mem_recall_context``).
+        bptt_depth (int): gradients flow back through at most this many segments.
+        score_scale (str): recall scores are divided by ``sqrt(d_h)`` (``"sqrt"``), by ``d_h``
+            (``"linear"``), or as the published code does (``"published"``: by ``d_h`` when the
+            embedding dim and d_h are both at least 4096, else by ``sqrt(d_h)``).
+    """
+
+    segment_length: int = 1024
+    mode: str = "hmt"
+    num_memory_tokens: int = 1
+    num_sensory: int = 32
+    sum_fraction: float = 0.5
+    recall_hidden_dim: Optional[int] = None
+    cache_size: int = 300
+    bptt_depth: int = 2
+    score_scale: str = "sqrt"
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise HMTConfigError(message)
+
+        need(
+            self.mode in MODES,
+            f"mode={self.mode!r} is not an HMT mode; use one of {', '.join(MODES)}.",
+        )
+        for name in ("segment_length", "num_memory_tokens", "cache_size", "bptt_depth"):
+            value = getattr(self, name)
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{name}={value!r} must be an integer >= 1.",
+            )
+        need(
+            isinstance(self.num_sensory, int) and self.num_sensory >= 0,
+            f"num_sensory={self.num_sensory!r} must be an integer >= 0.",
+        )
+        need(
+            self.recall_hidden_dim is None
+            or (isinstance(self.recall_hidden_dim, int) and self.recall_hidden_dim >= 1),
+            f"recall_hidden_dim={self.recall_hidden_dim!r} must be a positive integer "
+            "(or null for the backbone's embedding dim).",
+        )
+        need(
+            isinstance(self.sum_fraction, (int, float)) and 0.0 < self.sum_fraction <= 1.0,
+            f"sum_fraction={self.sum_fraction!r} must be in (0, 1].",
+        )
+        need(
+            self.score_scale in SCORE_SCALES,
+            f"score_scale={self.score_scale!r} is unknown; use one of {', '.join(SCORE_SCALES)}.",
+        )
+        overhead = self.segment_length - self.tokens_per_segment
+        need(
+            self.tokens_per_segment >= 1,
+            f"segment_length={self.segment_length} leaves no room for new tokens in mode "
+            f"{self.mode!r}: {overhead} positions go to memory ({2 * self.memory_tokens_used}) and "
+            f"sensory ({self.sensory_tokens_used}) tokens. Increase segment_length or lower "
+            "num_sensory / num_memory_tokens.",
+        )
+        need(
+            self.sensory_tokens_used < self.tokens_per_segment,
+            f"num_sensory={self.num_sensory} must be smaller than the {self.tokens_per_segment} new "
+            f"tokens per segment (segment_length={self.segment_length} minus "
+            f"{2 * self.memory_tokens_used} memory positions minus num_sensory). Lower num_sensory "
+            "or increase segment_length.",
+        )
+
+        need(
+            not self.uses_recall or self.summary_tokens >= 1,
+            f"sum_fraction={self.sum_fraction} reads no token of a {self.tokens_per_segment}-token "
+            "segment in the representation pass; raise sum_fraction.",
+        )
+
+    # ---------------------------------------------------------------- derived sizes
+    @property
+    def uses_memory(self) -> bool:
+        return self.mode != "baseline"
+
+    @property
+    def uses_recall(self) -> bool:
+        return self.mode == "hmt"
+
+    @property
+    def memory_tokens_used(self) -> int:
+        """Memory embeddings actually placed at each end of a segment in this mode."""
+        return self.num_memory_tokens if self.uses_memory else 0
+
+    @property
+    def sensory_tokens_used(self) -> int:
+        """Sensory tokens used in this mode (the published code uses none in rmt/baseline)."""
+        return self.num_sensory if self.mode in ("hmt", "hmt_stage1") else 0
+
+    @property
+    def tokens_per_segment(self) -> int:
+        """New document tokens read per segment (the published code's ``block_size``)."""
+        return self.segment_length - 2 * self.memory_tokens_used - self.sensory_tokens_used
+
+    @property
+    def summary_tokens(self) -> int:
+        """Tokens of a segment read by the representation pass.
+
+        Python's ``round`` (half to even) on purpose: the published code does the same,
+        and checkpoints trained with it expect exactly this many tokens."""
+        return int(round(self.tokens_per_segment * self.sum_fraction))
+
+    def with_mode(self, mode: str) -> "HMTConfig":
+        """The same settings in another mode (e.g. stage 1 -> stage 2)."""
+        return dataclasses.replace(self, mode=mode)
+
+    # ---------------------------------------------------------------- serialisation
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "HMTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise HMTConfigError(
+                f"unknown HMT setting(s) {unknown}; known settings are {sorted(known)}."
+            )
+        return cls(**values)

@@ -1,0 +1,77 @@
+"""Memory search: a segment summary queries the cache of past memory embeddings."""
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def recall_scale(dim: int, hidden_dim: int, score_scale: str) -> float:
+    """Divisor of the query-key scores.
+
+    ``"published"`` reproduces the published training code: ``hidden_dim`` when both the model
+    dim and ``hidden_dim`` are at least 4096 (Llama 2 7B with its default d_h), else
+    ``sqrt(hidden_dim)``. (Its generation path always uses ``sqrt``; we use the training rule
+    everywhere so a model reads the same way it was trained.)
+    """
+    if score_scale == "sqrt":
+        return math.sqrt(hidden_dim)
+    if score_scale == "linear":
+        return float(hidden_dim)
+    if score_scale == "published":
+        return float(hidden_dim) if dim >= 4096 and hidden_dim >= 4096 else math.sqrt(hidden_dim)
+    raise ValueError(f"score_scale={score_scale!r}: use 'sqrt', 'linear' or 'published'.")
+
+
+class MemoryRecall(nn.Module):
+    """Single-head cross-attention from segment summaries to cached memory embeddings.
+
+    Queries and keys are projections of width ``hidden_dim`` (no bias); the values are
+    the cached memory embeddings themselves, so the recalled memory stays in the
+    backbone's embedding space.
+
+    Args:
+        dim (int): embedding dim of the backbone.
+        hidden_dim (int): d_h, width of the query/key projections.
+        score_scale (str): see :func:`recall_scale`.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, score_scale: str = "sqrt") -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.k_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.scale = recall_scale(dim, hidden_dim, score_scale)
+
+    def keys(self, memories: torch.Tensor) -> torch.Tensor:
+        """``[b, c, d]`` memory embeddings -> ``[b, c, d_h]`` keys. Computed once per memory,
+        when it enters the cache, not at every later recall."""
+        return self.k_proj(memories.to(self.k_proj.weight.dtype))
+
+    def forward(
+        self,
+        summary: torch.Tensor,
+        values: torch.Tensor,
+        keys: torch.Tensor,
+        valid: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            summary (torch.Tensor): ``[b, m, d]`` segment summaries S_n (the queries).
+            values (torch.Tensor): ``[b, c, d]`` cached memory embeddings, oldest first.
+            keys (torch.Tensor): ``[b, c, d_h]`` their keys (:meth:`keys`).
+            valid (Optional[torch.Tensor]): ``[b, c]`` bool, False for empty cache slots of
+                rows that have seen fewer segments; None when every slot is filled.
+
+        Returns:
+            Tuple[torch.Tensor, torch.Tensor]: the recalled memory P_n ``[b, m, d]`` (dtype of
+            ``values``) and the softmax scores ``[b, m, c]`` (float32).
+        """
+        query = self.q_proj(summary.to(self.q_proj.weight.dtype))
+        scores = torch.matmul(query, keys.transpose(1, 2)).float() / self.scale
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        weights = F.softmax(scores, dim=-1)
+        recalled = torch.matmul(weights.to(values.dtype), values)
+        return recalled, weights
