@@ -40,7 +40,7 @@ class HMTConfig:
             embedding dim and d_h are both at least 4096, else by ``sqrt(d_h)``).
     """
 
-    segment_length: int = 1024
+    segment_length: int = 256
     mode: str = "hmt"
     num_memory_tokens: int = 1
     num_sensory: int = 32
