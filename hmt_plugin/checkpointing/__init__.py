@@ -17,3 +17,24 @@ __all__ = [
     "read_hf_config",
     "split_published_state_dict",
 ]
+from hmt_plugin.checkpointing.hmt_files import (
+    HMT_CONFIG,
+    HMT_WEIGHTS,
+    HMTCheckpointError,
+    atomic_write_bytes,
+    check_hmt_state_dict,
+    load_hmt_checkpoint,
+    load_hmt_into,
+    save_hmt_checkpoint,
+)
+
+__all__ += [
+    "HMT_CONFIG",
+    "HMT_WEIGHTS",
+    "HMTCheckpointError",
+    "atomic_write_bytes",
+    "check_hmt_state_dict",
+    "load_hmt_checkpoint",
+    "load_hmt_into",
+    "save_hmt_checkpoint",
+]

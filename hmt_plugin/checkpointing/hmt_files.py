@@ -1,0 +1,168 @@
+"""The HMT parameters' own files, written beside torchtune's checkpoint of the backbone.
+
+A checkpoint directory of ours is whatever torchtune's checkpointer writes for the backbone
+(HF-format shards, ``config.json``, adapters) plus:
+
+* ``hmt_model.safetensors``: the HMT parameters under their names in :class:`HMT`
+  (``initial_memory``, ``summary_token``, ``recall.q_proj.weight``, ``recall.k_proj.weight``);
+* ``hmt_config.json``: ``{"format": ..., "hmt": <HMTConfig>, ...}``.
+
+Both are written to a temporary name and renamed into place, so a run killed while saving
+never leaves a half-written file under the real name.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from hmt_plugin.modules.hmt_config import HMTConfig
+
+HMT_WEIGHTS = "hmt_model.safetensors"
+HMT_CONFIG = "hmt_config.json"
+FORMAT = "hmt-torchtune/1"
+RECALL_PARAMS = ("summary_token", "recall.q_proj.weight", "recall.k_proj.weight")
+
+PathLike = Union[str, os.PathLike]
+
+
+class HMTCheckpointError(ValueError):
+    """An HMT checkpoint that is missing, damaged or does not fit the model."""
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and
+    ``os.replace``; on failure (disk full, ...) the previous file at ``path`` is untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_hmt_checkpoint(
+    directory: PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    config: HMTConfig,
+    extra: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Write the HMT parameters and settings into ``directory`` (created if needed).
+
+    Args:
+        directory: the checkpoint directory (the one torchtune's checkpointer writes to).
+        state_dict: HMT parameters only (``HMT.hmt_state_dict()``), full tensors.
+        config: the model's :class:`HMTConfig`.
+        extra: more JSON-able facts to record (backbone type, training step, ...).
+
+    Returns:
+        Path: the weights file.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    if any(k.startswith("backbone.") for k in tensors):
+        raise HMTCheckpointError(
+            "save_hmt_checkpoint got backbone keys; pass HMT.hmt_state_dict() (the backbone is "
+            "saved by torchtune's checkpointer)."
+        )
+    fd, tmp = tempfile.mkstemp(prefix=f".{HMT_WEIGHTS}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": FORMAT})
+        os.replace(tmp, directory / HMT_WEIGHTS)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    meta = {"format": FORMAT, "hmt": config.to_dict(), **(extra or {})}
+    atomic_write_bytes(directory / HMT_CONFIG, json.dumps(meta, indent=2, sort_keys=True).encode())
+    return directory / HMT_WEIGHTS
+
+
+def load_hmt_checkpoint(
+    directory: PathLike,
+) -> Tuple[Dict[str, torch.Tensor], HMTConfig, Dict[str, Any]]:
+    """Read ``hmt_model.safetensors`` and ``hmt_config.json`` from ``directory``.
+
+    Returns:
+        (state dict, HMTConfig, the whole JSON record)
+
+    Raises:
+        HMTCheckpointError: missing or damaged files, naming the file.
+    """
+    directory = Path(directory)
+    weights, cfg_path = directory / HMT_WEIGHTS, directory / HMT_CONFIG
+    for path in (weights, cfg_path):
+        if not path.is_file():
+            raise HMTCheckpointError(
+                f"{path} does not exist: {directory} is not an HMT checkpoint directory (it needs "
+                f"{HMT_WEIGHTS} and {HMT_CONFIG}; a stage-1 run writes them at every save)."
+            )
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise HMTCheckpointError(f"{cfg_path} is not valid JSON ({err}); the file is damaged.") from err
+    if meta.get("format") != FORMAT or "hmt" not in meta:
+        raise HMTCheckpointError(f"{cfg_path} is not an {FORMAT} settings file.")
+    try:
+        state_dict = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise HMTCheckpointError(
+            f"{weights} cannot be read ({err}); the file is truncated or damaged. Use the "
+            "previous checkpoint."
+        ) from err
+    return state_dict, HMTConfig.from_dict(meta["hmt"]), meta
+
+
+def load_hmt_into(model: torch.nn.Module, directory: PathLike) -> Dict[str, Any]:
+    """Load an HMT checkpoint's parameters into ``model`` (an :class:`HMT`).
+
+    A stage-1 checkpoint (no recall parameters) loads into an ``hmt`` model: the recall
+    parameters keep their initialisation, as in the paper's stage 2. Anything else that does
+    not fit (another backbone size, another ``recall_hidden_dim``) is refused.
+
+    Returns:
+        Dict[str, Any]: the checkpoint's JSON record.
+    """
+    state_dict, saved, meta = load_hmt_checkpoint(directory)
+    check_hmt_state_dict(model, state_dict, source=str(Path(directory) / HMT_WEIGHTS))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state_dict.items():
+            params[name].copy_(value.to(params[name].dtype))
+    return meta
+
+
+def check_hmt_state_dict(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
+    """Raise :class:`HMTCheckpointError` naming the key unless ``state_dict`` fits ``model``'s
+    HMT parameters (recall parameters may be missing: stage 1 -> stage 2)."""
+    ours = {n: p for n, p in model.named_parameters() if not n.startswith("backbone.")}
+    for name, value in state_dict.items():
+        if name not in ours:
+            raise HMTCheckpointError(
+                f"{source} has {name!r}, which this {model.config.mode!r} model does not have; "
+                "build the model in the mode the checkpoint was trained in (or 'hmt')."
+            )
+        if tuple(value.shape) != tuple(ours[name].shape):
+            raise HMTCheckpointError(
+                f"{source}: {name!r} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(ours[name].shape)}; the checkpoint is for another backbone size or "
+                "recall_hidden_dim."
+            )
+    missing = [n for n in ours if n not in state_dict and n not in RECALL_PARAMS]
+    if missing:
+        raise HMTCheckpointError(f"{source} lacks {missing}; it is not a checkpoint of this model.")
