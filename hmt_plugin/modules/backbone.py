@@ -103,6 +103,13 @@ def vocab_size_of(decoder: TransformerDecoder) -> int:
     return decoder.tok_embeddings.num_embeddings
 
 
+def embed_tokens(decoder: TransformerDecoder, ids: torch.Tensor) -> torch.Tensor:
+    """``[b, s]`` token ids -> ``[b, s, d]`` raw embedding rows, in the same space as memory
+    vectors: whatever input transform the embedding module has (Gemma's ``sqrt(dim)``
+    scale) is applied once, to every position, when :func:`run_layers` feeds the decoder."""
+    return nn.Embedding.forward(decoder.tok_embeddings, ids)
+
+
 def run_layers(
     decoder: TransformerDecoder,
     embeds: torch.Tensor,

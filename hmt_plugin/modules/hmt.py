@@ -13,6 +13,7 @@ from torchtune.modules import TransformerDecoder
 from hmt_plugin.modules.backbone import (
     drive_decoder,
     embed_dim_of,
+    embed_tokens,
     project,
     run_layers,
     vocab_size_of,
@@ -378,8 +379,7 @@ class _Reader:
         fresh = self._check_stages()
         if self.n_segments == 0:
             return self._finish([], [], [], [], self._first_target_nll(None), None, {-1: self.state_in})
-        embed = self.decoder.tok_embeddings
-        dtype = embed.weight.dtype
+        dtype = self.decoder.tok_embeddings.weight.dtype
         summaries = self._summaries() if cfg.uses_recall else None
 
         st = self.state_in
@@ -409,7 +409,7 @@ class _Reader:
                 prefix = memory.to(dtype)
             k_n = 0 if first else k
             ids = torch.cat([sensory.to(x), x], dim=1) if k_n else x
-            h = embed(ids)
+            h = embed_tokens(self.decoder, ids)
             if prefix is not None:
                 h = torch.cat([prefix, h, prefix], dim=1)
             counts = [[m, k_n, self.seg_lens[n][b], m] for b in range(self.batch)]
@@ -455,9 +455,9 @@ class _Reader:
         h = self.cfg.summary_tokens
         grid = F.pad(self.tokens, (0, s * self.block - self.width)).view(b, s, self.block)
         ids = grid[:, :, :h].reshape(b * s, h)
-        embed = self.decoder.tok_embeddings
-        probe = self.model.summary_token.to(embed.weight.dtype).expand(b * s, m, -1)
-        x = torch.cat([probe, embed(ids), probe], dim=1)
+        dtype = self.decoder.tok_embeddings.weight.dtype
+        probe = self.model.summary_token.to(dtype).expand(b * s, m, -1)
+        x = torch.cat([probe, embed_tokens(self.decoder, ids), probe], dim=1)
         counts = [[m, min(h, self.seg_lens[n][row]), m] for row in range(b) for n in range(s)]
         attn_mask, positions = ragged_layout(counts, [m, h, m], self.device)
         hidden = run_layers(self.decoder, x, mask=attn_mask, input_pos=positions)
