@@ -1,0 +1,169 @@
+"""Step checkpoints of an HMT run: written whole or not at all, found again on resume.
+
+Layout under the run's ``output_dir``::
+
+    step_0000100/          an intermediate checkpoint
+        adapter_model.pt, adapter_model.safetensors, adapter_config.json   (LoRA)
+        model-0000k-of-0000N.safetensors, model.safetensors.index.json     (full fine-tune)
+        config.json, ...                 (copied by torchtune's checkpointer)
+        hmt_model.safetensors, hmt_config.json
+        recipe_state.pt                  (optimizer, LR schedule, data position, RNG)
+        CHECKPOINT_COMPLETE
+    final/                 the end of training: merged HF-format backbone + HMT files
+
+The backbone goes through the torchtune checkpointer of the config (HF, Meta or torchtune
+format, key conversion included). Everything is written into ``.<name>.partial/`` first and
+renamed into place last, so a kill or a full disk mid-save leaves the previous checkpoint
+as it was, and ``latest_checkpoint`` only ever returns complete ones.
+"""
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from torchtune import training
+
+from hmt_plugin.checkpointing.hmt_files import atomic_write_bytes, save_hmt_checkpoint
+from hmt_plugin.modules.hmt_config import HMTConfig
+
+COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
+RECIPE_STATE = "recipe_state.pt"
+FINAL = "final"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def complete_checkpoints(output_dir: os.PathLike) -> List[Path]:
+    """Complete step checkpoints under ``output_dir``, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and (child / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(output_dir: os.PathLike) -> Optional[Path]:
+    """The newest complete step checkpoint, or None."""
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def load_recipe_state(checkpoint: os.PathLike) -> Dict[str, Any]:
+    path = Path(checkpoint) / RECIPE_STATE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: {checkpoint} is not a resumable checkpoint (final checkpoints "
+            "hold no training state)."
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a damaged pickle raises many different types
+        raise RuntimeError(f"{path} cannot be read ({err}); resume from an older checkpoint.") from err
+
+
+class CheckpointWriter:
+    """Writes checkpoint directories through a torchtune checkpointer.
+
+    torchtune 0.6.1 checkpointers write into ``<their output_dir>/epoch_<n>/``. The writer points
+    that output_dir at a staging directory for the duration of one save (the one seam into
+    the checkpointer), then adds the HMT files, the recipe state and the completion marker,
+    and renames the directory into place.
+
+    Args:
+        checkpointer: a torchtune checkpointer that has loaded the base model (it needs the
+            weight map from ``load_checkpoint`` to shard the output like the input).
+        output_dir: the run's output directory.
+        keep_last_n (Optional[int]): delete older step checkpoints beyond this many.
+    """
+
+    def __init__(self, checkpointer: Any, output_dir: os.PathLike, keep_last_n: Optional[int] = None):
+        self._checkpointer = checkpointer
+        self._root = Path(output_dir)
+        self._keep_last_n = keep_last_n
+
+    def save(
+        self,
+        name: str,
+        *,
+        hmt_state: Dict[str, torch.Tensor],
+        hmt_config: HMTConfig,
+        model_state: Optional[Dict[str, torch.Tensor]] = None,
+        adapter_state: Optional[Dict[str, torch.Tensor]] = None,
+        adapter_config: Optional[Dict[str, Any]] = None,
+        recipe_state: Optional[Dict[str, Any]] = None,
+        meta: Optional[Dict[str, Any]] = None,
+    ) -> Path:
+        """Write checkpoint ``name`` (e.g. ``step_dir_name(step)`` or ``FINAL``).
+
+        Args:
+            hmt_state: HMT parameters (full tensors).
+            hmt_config: the model's settings.
+            model_state: backbone weights in torchtune keys (full fine-tune, or merged LoRA).
+            adapter_state / adapter_config: LoRA adapters (torchtune keys) and their config.
+            recipe_state: what resuming needs; None for a final checkpoint.
+            meta: facts recorded in ``hmt_config.json`` and the marker (step, epoch, ...).
+        """
+        self._root.mkdir(parents=True, exist_ok=True)
+        staging = self._root / f".{name}.partial"
+        if staging.exists():
+            shutil.rmtree(staging)
+        ckpt: Dict[str, Any] = {}
+        if model_state is not None:
+            ckpt[training.MODEL_KEY] = model_state
+        if adapter_state is not None:
+            ckpt[training.ADAPTER_KEY] = adapter_state
+            ckpt[training.ADAPTER_CONFIG] = adapter_config
+        if not ckpt:
+            raise ValueError("a checkpoint needs backbone weights or adapters to save.")
+        original = self._checkpointer._output_dir
+        self._checkpointer._output_dir = staging
+        try:
+            self._checkpointer.save_checkpoint(
+                ckpt, epoch=0, intermediate_checkpoint=False, adapter_only=model_state is None
+            )
+        finally:
+            self._checkpointer._output_dir = original
+        written = staging / "epoch_0"
+        save_hmt_checkpoint(written, hmt_state, hmt_config, extra=meta)
+        if recipe_state is not None:
+            tmp = written / f".{RECIPE_STATE}.tmp"
+            torch.save(recipe_state, tmp)
+            os.replace(tmp, written / RECIPE_STATE)
+        record = {"name": name, "time": time.time(), **(meta or {})}
+        atomic_write_bytes(written / COMPLETE_MARKER, json.dumps(record, indent=2).encode())
+        target = self._root / name
+        self._replace(written, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        self._prune()
+        return target
+
+    def _replace(self, source: Path, target: Path) -> None:
+        """Move ``source`` to ``target``; an existing ``target`` is only removed once the new
+        one is in place."""
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+        os.replace(source, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _prune(self) -> None:
+        if not self._keep_last_n:
+            return
+        for path in complete_checkpoints(self._root)[: -self._keep_last_n]:
+            shutil.rmtree(path, ignore_errors=True)

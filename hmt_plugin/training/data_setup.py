@@ -1,0 +1,83 @@
+"""Documents -> segment windows -> batches, resumable mid-epoch (torchdata's stateful loader)."""
+
+from functools import partial
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+from torchtune import config, utils
+from torchtune.config._utils import _get_component_from_path
+
+from hmt_plugin.modules.hmt_config import HMTConfig
+
+log = utils.get_logger("INFO")
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """Padding is masked, so any id in the vocabulary will do; SentencePiece's -1 is not."""
+    pad = getattr(tokenizer, "pad_id", None)
+    return pad if isinstance(pad, int) and pad >= 0 else 0
+
+
+def build_documents(cfg_dataset: DictConfig, tokenizer: Any) -> Any:
+    """Instantiate the dataset builder of a config (it receives the tokenizer first, as in
+    torchtune; synthetic datasets accept ``tokenizer=None``)."""
+    if cfg_dataset is None:
+        raise ValueError("the config has no `dataset` section; add one (see configs/tiny/).")
+    docs = config.instantiate(cfg_dataset, tokenizer)
+    if len(docs) == 0:
+        raise ValueError(
+            f"dataset {cfg_dataset.get('_component_')} produced no documents (source="
+            f"{cfg_dataset.get('source', cfg_dataset.get('path'))!r}); check the path and split."
+        )
+    return docs
+
+
+def build_dataloader(
+    documents: Any,
+    *,
+    hmt_config: HMTConfig,
+    cfg_windows: Optional[DictConfig],
+    collate_fn: str,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    pad_id: int,
+    world_size: int = 1,
+    rank: int = 0,
+    training: bool = True,
+) -> StatefulDataLoader:
+    """Windows of ``segments_per_window`` segments (default ``bptt_depth``) over the
+    documents, sharded over ranks, batched by the segment collator.
+
+    The windows dataset exposes ``set_epoch`` (its random offsets depend on it); the
+    recipe calls it together with the sampler's."""
+    from hmt_plugin.data import SegmentWindows
+
+    windows_args = OmegaConf.to_container(cfg_windows, resolve=True) if cfg_windows else {}
+    if training:
+        windows_args.setdefault("segments_per_window", hmt_config.bptt_depth)
+    windows = SegmentWindows(
+        documents, tokens_per_segment=hmt_config.tokens_per_segment, seed=seed, **windows_args
+    )
+    if len(windows) < world_size * batch_size and training:
+        raise ValueError(
+            f"{len(windows)} training windows cannot fill one batch of {batch_size} on each of "
+            f"{world_size} rank(s); lower batch_size or nproc_per_node, or add data."
+        )
+    sampler = StatefulDistributedSampler(
+        windows, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
+    )
+    collate = partial(
+        _get_component_from_path(collate_fn),
+        tokens_per_segment=hmt_config.tokens_per_segment,
+        pad_id=pad_id,
+    )
+    return StatefulDataLoader(
+        windows,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        drop_last=training,
+    )

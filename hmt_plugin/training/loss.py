@@ -1,0 +1,72 @@
+"""Training loss over segments: every segment, or the last one only (the published code's)."""
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
+
+LOSS_SCOPES = ("last", "all")
+
+
+@dataclass
+class SegmentLoss:
+    """Sums over one batch, ready for gradient accumulation and for logging both PPLs.
+
+    Attributes:
+        loss_sum (torch.Tensor): summed NLL over the targets of ``scope`` (with graph).
+        num_tokens (torch.Tensor): number of those targets.
+        last_sum / last_tokens: summed NLL and count over each row's last segment (no graph).
+        all_sum / all_tokens: the same over every segment (no graph).
+    """
+
+    loss_sum: torch.Tensor
+    num_tokens: torch.Tensor
+    last_sum: torch.Tensor
+    last_tokens: torch.Tensor
+    all_sum: torch.Tensor
+    all_tokens: torch.Tensor
+
+
+def last_segment_mask(
+    seq_lens: Sequence[int], width: int, tokens_per_segment: int, device: torch.device
+) -> torch.Tensor:
+    """``[b, width]`` bool: the positions of each row's last (possibly partial) segment."""
+    lens = torch.as_tensor(list(seq_lens), device=device)
+    start = ((lens - 1).clamp(min=0) // tokens_per_segment) * tokens_per_segment
+    pos = torch.arange(width, device=device)[None, :]
+    return (pos >= start[:, None]) & (pos < lens[:, None])
+
+
+def segment_loss(
+    nll: torch.Tensor,
+    labels: torch.Tensor,
+    seq_lens: Sequence[int],
+    tokens_per_segment: int,
+    scope: str,
+) -> SegmentLoss:
+    """Reduce HMT's per-token NLL to the training loss of ``scope`` and both logging PPLs.
+
+    Args:
+        nll (torch.Tensor): ``[b, t]`` from :class:`~hmt_plugin.modules.HMTOutput`.
+        labels (torch.Tensor): ``[b, t]`` targets (``CROSS_ENTROPY_IGNORE_IDX`` = not scored).
+        seq_lens: real tokens per row.
+        tokens_per_segment (int): the model's segment size in new tokens.
+        scope (str): ``"last"`` (targets in each row's last segment) or ``"all"``.
+    """
+    if scope not in LOSS_SCOPES:
+        raise ValueError(f"loss_scope={scope!r}: use one of {LOSS_SCOPES}.")
+    scored = labels != CROSS_ENTROPY_IGNORE_IDX
+    scored[:, 0] = False  # the first token of a window has no prediction
+    last = scored & last_segment_mask(seq_lens, labels.shape[1], tokens_per_segment, labels.device)
+    chosen = last if scope == "last" else scored
+    zero = nll.new_zeros(())
+    detached = nll.detach()
+    return SegmentLoss(
+        loss_sum=torch.where(chosen, nll, zero).sum(),
+        num_tokens=chosen.sum(),
+        last_sum=torch.where(last, detached, zero).sum(),
+        last_tokens=last.sum(),
+        all_sum=torch.where(scored, detached, zero).sum(),
+        all_tokens=scored.sum(),
+    )
