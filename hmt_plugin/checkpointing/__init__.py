@@ -38,3 +38,25 @@ __all__ += [
     "load_hmt_into",
     "save_hmt_checkpoint",
 ]
+from hmt_plugin.checkpointing.backbone_layout import BackboneLayout
+from hmt_plugin.checkpointing.convert import (
+    ConversionResult,
+    convert_from_meta,
+    convert_from_reference,
+    convert_to_meta,
+    convert_to_reference,
+    export_hf,
+)
+from hmt_plugin.checkpointing.streaming import ConversionError, open_state_dict
+
+__all__ += [
+    "BackboneLayout",
+    "ConversionError",
+    "ConversionResult",
+    "convert_from_meta",
+    "convert_from_reference",
+    "convert_to_meta",
+    "convert_to_reference",
+    "export_hf",
+    "open_state_dict",
+]
