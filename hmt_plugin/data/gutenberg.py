@@ -11,8 +11,8 @@ Two generations of boilerplate occur (see ``shared/data/README.md`` for a census
   ``End of the Project Gutenberg Etext of ...``. Files from 2002-2004 may also carry the
   modern START/END markers.
 
-The body starts after the last header marker found in the first half of the text and ends
-at the first end marker after it. Short credit paragraphs right after the header ("Produced
+The body starts after the last header marker before the first end marker, and ends at the
+first end marker after it. Short credit paragraphs right after the header ("Produced
 by ...", a repeated "The Project Gutenberg Etext of ..." title line) go too. A text without
 any marker is returned unchanged apart from line endings and a BOM.
 """
@@ -81,10 +81,15 @@ def strip_gutenberg(text: str) -> str:
         str: the book text with LF line endings, stripped of surrounding blank lines.
     """
     text = normalize_newlines(text)
+    # The header ends at the last start marker before the first end marker.
+    limit = len(text)
+    for pattern in _END_PATTERNS:
+        match = pattern.search(text)
+        if match is not None:
+            limit = min(limit, match.start())
     start = 0
-    half = len(text) // 2
     for pattern in _START_PATTERNS:
-        for match in pattern.finditer(text, 0, half):
+        for match in pattern.finditer(text, 0, limit):
             start = max(start, match.end())
     end = len(text)
     for pattern in _END_PATTERNS:

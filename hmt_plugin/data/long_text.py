@@ -12,6 +12,7 @@ from hmt_plugin.data.documents import TokenizedDocuments
 from hmt_plugin.data.gutenberg import strip_gutenberg as _strip_gutenberg
 from hmt_plugin.data.text_sources import (
     DataSourceError,
+    SUPPORTED_SUFFIXES,
     NamedText,
     iter_local_documents,
     list_local_files,
@@ -29,6 +30,17 @@ def _is_saved_dataset(path: Path) -> bool:
     """A directory written by ``datasets``' ``save_to_disk``."""
     return path.is_dir() and (
         (path / "dataset_dict.json").exists() or (path / "state.json").exists()
+    )
+
+
+def _looks_like_path(source: Union[str, os.PathLike]) -> bool:
+    """A source meant as a local path (a hub name like 'emozilla/pg19' is none of these)."""
+    text = str(source)
+    return (
+        isinstance(source, os.PathLike)
+        or os.path.isabs(text)
+        or text.startswith((".", "~"))
+        or text.lower().endswith(SUPPORTED_SUFFIXES)
     )
 
 
@@ -195,6 +207,11 @@ def long_text_dataset(
         "strip_gutenberg": strip_gutenberg,
     }
     local = Path(source).expanduser()
+    if not local.exists() and _looks_like_path(source):
+        raise DataSourceError(
+            f"{local} does not exist. Give an existing file or directory, or a Hugging Face "
+            "dataset name such as 'emozilla/pg19'."
+        )
     if local.exists() and not _is_saved_dataset(local):
         docs = _local_documents(
             tokenizer, local, options, article_split, add_bos, add_eos, cache_dir,
