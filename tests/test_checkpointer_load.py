@@ -6,11 +6,11 @@ from torchtune.training.checkpointing import FullModelHFCheckpointer
 from hmt_plugin.models import hmt_tiny
 from hmt_plugin.modules.backbone import embed_tokens, project, run_layers
 
-from tests.assets import write_hf_llama
+from hmt_plugin.checkpointing.tiny_checkpoint import write_tiny_hf_llama
 
 
 def test_hf_checkpoint_loads_into_wrapped_model(tmp_path):
-    hf_dir = write_hf_llama(tmp_path / "hf", seed=3)
+    hf_dir = write_tiny_hf_llama(tmp_path / "hf", seed=3)
     checkpointer = FullModelHFCheckpointer(
         checkpoint_dir=str(hf_dir),
         checkpoint_files=["model.safetensors"],

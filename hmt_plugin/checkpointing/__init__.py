@@ -17,6 +17,7 @@ __all__ = [
     "read_hf_config",
     "split_published_state_dict",
 ]
+from hmt_plugin.checkpointing.tiny_checkpoint import tiny_llama_checkpointer, write_tiny_hf_llama
 from hmt_plugin.checkpointing.hmt_files import (
     HMT_CONFIG,
     HMT_WEIGHTS,
@@ -29,6 +30,8 @@ from hmt_plugin.checkpointing.hmt_files import (
 )
 
 __all__ += [
+    "tiny_llama_checkpointer",
+    "write_tiny_hf_llama",
     "HMT_CONFIG",
     "HMT_WEIGHTS",
     "HMTCheckpointError",

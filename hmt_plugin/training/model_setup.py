@@ -2,11 +2,14 @@
 parameters from our files (or freshly drawn), LoRA bookkeeping. Shared by the single-device,
 distributed, eval and generation recipes."""
 
+import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+from torch import nn
 from torchtune.modules.peft import (
     DoRALinear,
     LoRALinear,
@@ -15,10 +18,13 @@ from torchtune.modules.peft import (
     get_lora_module_names,
     get_merged_lora_ckpt,
     set_trainable_params,
-    validate_missing_and_unexpected_for_lora,
 )
 
-from hmt_plugin.checkpointing.hmt_files import HMT_WEIGHTS, load_hmt_into
+from hmt_plugin.checkpointing.hmt_files import (
+    HMT_WEIGHTS,
+    check_hmt_state_dict,
+    load_hmt_checkpoint,
+)
 from hmt_plugin.modules.hmt import HMT
 
 
@@ -71,65 +77,100 @@ def set_trainable(model: HMT, lora: Optional[Dict[str, Any]]) -> List[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def load_backbone(
+def fresh_adapter_state(model: HMT, seed: int) -> Dict[str, torch.Tensor]:
+    """Initial LoRA weights as full CPU tensors, drawn per parameter from ``(seed, name)``:
+    ``lora_a`` as torchtune draws it (Kaiming-uniform), ``lora_b`` zero. The same on one device
+    and on N ranks of a model built on the meta device, so their runs compute the same losses."""
+    out = {}
+    for name, param in model.named_parameters():
+        if ".lora_a." in name:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            value = torch.empty(param.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=g)
+            out[name] = value
+        elif ".lora_b." in name:
+            out[name] = torch.zeros(param.shape, dtype=torch.float32)
+    return out
+
+
+def initial_state_dict(
     model: HMT,
     base_state: Dict[str, torch.Tensor],
+    *,
     lora: Optional[Dict[str, Any]],
+    seed: int,
     adapter_state: Optional[Dict[str, torch.Tensor]] = None,
-) -> None:
-    """Base weights (torchtune keys) and optional LoRA adapters into ``model.backbone``, with
-    torchtune's own validation of what is missing or unexpected."""
-    if lora is None:
-        missing, unexpected = model.backbone.load_state_dict(base_state, strict=False)
-        if missing or unexpected:
-            raise KeyError(
-                "the checkpoint does not fit the configured backbone: "
-                f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}. Check that "
-                "`model` and `checkpointer` describe the same architecture and size."
+    hmt_checkpoint: Optional[os.PathLike] = None,
+) -> Dict[str, torch.Tensor]:
+    """Everything a freshly built model (possibly on the meta device) is loaded with, as one
+    full state dict in the wrapper's keys:
+
+    * the backbone's base weights (torchtune keys from a torchtune checkpointer);
+    * LoRA adapters: ``adapter_state`` (torchtune keys, when resuming) or fresh ones;
+    * HMT parameters: drawn from the token embeddings' std (seeded, as the published code
+      draws them), then overlaid by ``hmt_checkpoint`` if given (a stage-1 checkpoint leaves
+      the recall parameters fresh: the paper's stage 2).
+
+    Raises:
+        KeyError / FileNotFoundError / HMTCheckpointError: naming what does not fit.
+    """
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = set(shapes)
+    full = {f"backbone.{k}": v for k, v in base_state.items()}
+    if lora is not None:
+        if adapter_state:
+            full.update({f"backbone.{k}": v for k, v in adapter_state.items()})
+        else:
+            full.update(fresh_adapter_state(model, seed))
+    embedding = base_state.get("tok_embeddings.weight")
+    if embedding is None:
+        raise KeyError(
+            "the backbone checkpoint has no 'tok_embeddings.weight'; check the checkpointer's "
+            "model_type and files."
+        )
+    hmt_state = model.fresh_hmt_state_dict(
+        embedding.float().std().item(), generator=torch.Generator().manual_seed(seed)
+    )
+    if hmt_checkpoint is not None:
+        path = Path(hmt_checkpoint)
+        if not (path / HMT_WEIGHTS).is_file():
+            raise FileNotFoundError(
+                f"hmt_checkpoint={str(path)!r} holds no {HMT_WEIGHTS}. Point it at a checkpoint "
+                "directory of an earlier run (e.g. the stage-1 run's `final` directory), or set "
+                "hmt_checkpoint=null to start the HMT parameters fresh."
             )
-        return
-    base_missing, base_unexpected = model.backbone.load_state_dict(base_state, strict=False)
-    if lora["is_dora"]:
-        for m in model.backbone.modules():
+        saved, _, _ = load_hmt_checkpoint(path)
+        check_hmt_state_dict(model, saved, source=str(path / HMT_WEIGHTS))
+        hmt_state.update(saved)
+    full.update(hmt_state)
+    # DoRA magnitudes are computed from the loaded base weights (torchtune does it after load).
+    dora = {k for k in expected if k.endswith(".magnitude")}
+    missing = sorted(expected - set(full) - dora)
+    unexpected = sorted(set(full) - expected)
+    if missing or unexpected:
+        raise KeyError(
+            "the checkpoint does not fit the configured model: "
+            f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
+            f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}. Check that "
+            "`model` and `checkpointer` describe the same architecture and size."
+        )
+    for key, value in full.items():
+        want = shapes[key]
+        if tuple(value.shape) != want:
+            raise KeyError(
+                f"{key!r} has shape {tuple(value.shape)} in the checkpoint but {want} in the "
+                "configured model; the checkpoint is for another size."
+            )
+    return full
+
+
+def load_initial_state(model: HMT, full: Dict[str, torch.Tensor], lora: Optional[Dict[str, Any]]) -> None:
+    """Single device: load :func:`initial_state_dict`'s result into ``model``."""
+    model.load_state_dict(full, strict=False)
+    if lora is not None and lora["is_dora"]:
+        for m in model.modules():
             if hasattr(m, "initialize_dora_magnitude"):
                 m.initialize_dora_magnitude()
-    lora_missing = lora_unexpected = None
-    if adapter_state:
-        lora_missing, lora_unexpected = model.backbone.load_state_dict(adapter_state, strict=False)
-    try:
-        validate_missing_and_unexpected_for_lora(
-            lora_attn_modules=lora["lora_attn_modules"],
-            apply_lora_to_mlp=lora["apply_lora_to_mlp"],
-            apply_lora_to_output=lora["apply_lora_to_output"],
-            base_missing=base_missing,
-            base_unexpected=base_unexpected,
-            lora_missing=lora_missing,
-            lora_unexpected=lora_unexpected,
-        )
-    except AssertionError as err:
-        raise KeyError(
-            f"the checkpoint does not fit the configured LoRA backbone ({err}). Check that `model` "
-            "and `checkpointer` describe the same architecture and size."
-        ) from err
-
-
-def init_hmt_parameters(
-    model: HMT, hmt_checkpoint: Optional[os.PathLike], seed: int
-) -> Optional[Dict[str, Any]]:
-    """Draw the HMT parameters from the loaded token embeddings (seeded), then load an HMT
-    checkpoint over them if one is given (a stage-1 checkpoint leaves the recall parameters
-    freshly drawn, as the paper's stage 2 starts). Returns the checkpoint's JSON record."""
-    model.reset_hmt_parameters(generator=torch.Generator().manual_seed(seed))
-    if hmt_checkpoint is None:
-        return None
-    path = Path(hmt_checkpoint)
-    if not (path / HMT_WEIGHTS).is_file():
-        raise FileNotFoundError(
-            f"hmt_checkpoint={str(path)!r} holds no {HMT_WEIGHTS}. Point it at a checkpoint "
-            "directory of an earlier run (e.g. the stage-1 run's `final` directory), or set "
-            "hmt_checkpoint=null to start the HMT parameters fresh."
-        )
-    return load_hmt_into(model, path)
 
 
 def cpu_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:

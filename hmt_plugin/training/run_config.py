@@ -1,0 +1,117 @@
+"""Checks a recipe config before anything is built: misspelled keys, missing sections,
+component arguments the component does not take — each named, with the likely fix."""
+
+import difflib
+import inspect
+from typing import Any, Iterable, List
+
+from omegaconf import DictConfig, ListConfig
+from torchtune.config._utils import _get_component_from_path
+
+FINETUNE_KEYS = {
+    "output_dir", "seed", "device", "dtype", "model", "tokenizer", "checkpointer",
+    "hmt_checkpoint", "resume_from_checkpoint", "dataset", "windows", "collate_fn", "shuffle",
+    "batch_size", "loss_scope", "optimizer", "lr_scheduler", "epochs", "max_steps_per_epoch",
+    "gradient_accumulation_steps", "clip_grad_norm", "compile", "enable_activation_checkpointing",
+    "metric_logger", "log_every_n_steps", "log_peak_memory_stats", "save_every_n_steps",
+    "keep_last_n_checkpoints", "profiler", "validation", "fsdp_cpu_offload",
+    "fsdp_reshard_after_forward", "distributed_timeout_s",
+}
+FINETUNE_REQUIRED = {
+    "output_dir", "model", "checkpointer", "dataset", "optimizer", "batch_size", "epochs",
+    "gradient_accumulation_steps", "metric_logger", "device", "dtype", "seed",
+}
+WINDOW_KEYS = {"segments_per_window", "stride", "random_offset", "max_tokens"}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names the key and the fix."""
+
+
+def _suggest(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def check_keys(node: Any, known: Iterable[str], where: str) -> None:
+    known = set(known)
+    for key in node.keys():
+        if key not in known:
+            raise ConfigError(
+                f"unknown config key {where}{key!r}.{_suggest(key, known)} Known keys: "
+                f"{', '.join(sorted(known))}."
+            )
+
+
+def check_component_args(node: Any, where: str) -> None:
+    """Every ``_component_`` node's keys must be arguments of the component (unless it takes
+    ``**kwargs``); nested nodes (e.g. ``model.backbone``) are checked too."""
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            check_component_args(item, f"{where}[{i}].")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    if "_component_" in node:
+        path = node["_component_"]
+        try:
+            component = _get_component_from_path(path)
+        except Exception as err:
+            raise ConfigError(f"{where}_component_={path!r} cannot be imported ({err}).") from err
+        try:
+            params = inspect.signature(component).parameters
+        except (TypeError, ValueError):
+            params = None
+        if params is not None and "hmt_settings" in params:
+            # Our named builders forward **hmt_settings to hmt_plugin.models.hmt.
+            from hmt_plugin.models import hmt as hmt_builder
+
+            params = {**params, **inspect.signature(hmt_builder).parameters}
+            params.pop("hmt_settings")
+        if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            accepted = {n for n, p in params.items() if p.kind is not p.VAR_POSITIONAL}
+            for key in node.keys():
+                if key != "_component_" and key not in accepted:
+                    raise ConfigError(
+                        f"{where}{key!r} is not an argument of {path}.{_suggest(key, accepted)} "
+                        f"It takes: {', '.join(sorted(accepted))}."
+                    )
+    for key, value in node.items():
+        if key != "_component_":
+            check_component_args(value, f"{where}{key}.")
+
+
+def validate_finetune_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first problem found in a fine-tuning config."""
+    check_keys(cfg, FINETUNE_KEYS, "")
+    missing = sorted(k for k in FINETUNE_REQUIRED if cfg.get(k) is None)
+    if missing:
+        raise ConfigError(
+            f"the config lacks {missing}; copy a complete config with `hmt-tune cp` and edit it."
+        )
+    if cfg.get("windows") is not None:
+        check_keys(cfg.windows, WINDOW_KEYS, "windows.")
+    scope = cfg.get("loss_scope", "last")
+    if scope not in ("last", "all"):
+        raise ConfigError(f"loss_scope={scope!r}: use 'last' (the published loss) or 'all'.")
+    for key in ("batch_size", "epochs", "gradient_accumulation_steps"):
+        value = cfg.get(key)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}={value!r} must be an integer >= 1.")
+    for key in ("model", "tokenizer", "checkpointer", "dataset", "optimizer", "lr_scheduler",
+                "metric_logger", "profiler"):
+        if cfg.get(key) is not None:
+            check_component_args(cfg[key], f"{key}.")
+    if cfg.get("validation") is not None:
+        check_keys(cfg.validation, {"dataset", "modes", "batch_size", "max_tokens"}, "validation.")
+        check_component_args(cfg.validation.dataset, "validation.dataset.")
+
+
+def validate_config_file(cfg: DictConfig) -> None:
+    """``hmt-tune validate``: the fine-tuning checks for fine-tuning configs, component
+    arguments for the others."""
+    if "optimizer" in cfg:
+        validate_finetune_config(cfg)
+        return
+    for key, value in cfg.items():
+        check_component_args(value, f"{key}.")
