@@ -416,6 +416,7 @@ def convert_from_reference(
             "adapter_name": backbone.adapter_name,
             "lora": None if adapter is None else ("merged" if merge else "kept"),
             "extras": PUBLISHED_EXTRAS if parts.extras else None,
+            "extras_order": list(parts.extras),
             "tied_lm_head": tied_dropped,
         },
     }
@@ -578,7 +579,9 @@ def convert_to_reference(
     if layout.tie_word_embeddings and backbone_prefix + "lm_head.weight" not in out:
         # nn.Module.state_dict() lists the tied head too; the published strict load wants it.
         out[backbone_prefix + "lm_head.weight"] = embed
-    out.update(_published_extras(ours.directory, hmt_sd, layout, result))
+    extras = _published_extras(ours.directory, hmt_sd, layout, result)
+    order = [k for k in published.get("extras_order") or [] if k in extras]
+    out.update({k: extras[k] for k in order + sorted(set(extras) - set(order))})
     for name in _HMT_LAST:
         if name in hmt_sd:
             out[OURS_TO_PUBLISHED[name]] = hmt_sd[name]
