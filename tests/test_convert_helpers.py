@@ -9,6 +9,7 @@ from typing import Dict, Optional
 import torch
 from safetensors.torch import load_file, save_file
 from torchtune.models.convert_weights import tune_to_hf
+from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 from torchtune.training.checkpointing import FullModelHFCheckpointer
 
 from hmt_plugin.checkpointing import BackboneLayout, decoder_from_hf_config
@@ -49,7 +50,8 @@ def hf_state_dict(config: Dict = HF_CONFIG, seed: int = 0) -> Dict[str, torch.Te
     decoder = decoder_from_hf_config(config)
     for p in decoder.parameters():  # norms start at 1: make every tensor distinguishable
         p.data.normal_(0, 0.2)
-    sd = tune_to_hf(
+    convert = qwen2_tune_to_hf if config["model_type"] == "qwen2" else tune_to_hf
+    sd = convert(
         decoder.state_dict(), num_heads=config["num_attention_heads"],
         num_kv_heads=config["num_key_value_heads"], dim=config["hidden_size"],
     )
