@@ -138,3 +138,18 @@ def test_parallel_tokenization_matches(tmp_path, spm_tokenizer):
     serial = long_text_dataset(spm_tokenizer, src, cache_dir=tmp_path / "a", progress=False)
     forked = long_text_dataset(spm_tokenizer, src, cache_dir=tmp_path / "b", num_workers=2, progress=False)
     assert [x["tokens"].tolist() for x in serial] == [x["tokens"].tolist() for x in forked]
+
+
+def test_pickling_sends_the_token_file_by_path(tmp_path, spm_tokenizer):
+    import pickle
+
+    from hmt_plugin.data import SegmentWindows
+
+    (tmp_path / "a.txt").write_text("The grass is green. " * 200)
+    ds = long_text_dataset(spm_tokenizer, tmp_path / "a.txt", cache_dir=tmp_path / "c", progress=False)
+    windows = SegmentWindows(ds, tokens_per_segment=8, segments_per_window=2)
+    blob = pickle.dumps(windows)
+    assert len(blob) < ds.tokens.nbytes  # not a copy of the tokens
+    back = pickle.loads(blob)
+    assert isinstance(back.documents.tokens, np.memmap)
+    assert all(np.array_equal(back[i]["tokens"], windows[i]["tokens"]) for i in range(len(windows)))

@@ -172,6 +172,23 @@ class TokenizedDocuments(Dataset):
             eos_id=self.eos_id,
         )
 
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> Dict[str, Any]:
+        """Send a memory-mapped token file by path, not by content (DataLoader workers
+        started with 'spawn', multi-process evaluation)."""
+        state = dict(self.__dict__)
+        tokens = self.tokens
+        if isinstance(tokens, np.memmap) and getattr(tokens, "filename", None):
+            state["tokens"] = ("memmap", tokens.filename, tokens.offset, tokens.dtype.str, tokens.shape)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        tokens = state["tokens"]
+        if isinstance(tokens, tuple) and tokens and tokens[0] == "memmap":
+            _, filename, offset, dtype, shape = tokens
+            state["tokens"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
+        self.__dict__.update(state)
+
     def __repr__(self) -> str:
         extras = f", fields={sorted(self.fields)}" if self.fields else ""
         return (
