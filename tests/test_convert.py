@@ -87,6 +87,20 @@ def test_reference_round_trip_is_bit_identical(tmp_path, config_path, variant):
         assert list(back) == list(original)  # the published state-dict order, too
 
 
+def test_round_trip_of_a_tied_qwen2_with_peft_biases(tmp_path):
+    """Qwen2: q/k/v biases (PEFT's ``base_layer.bias``), no q/k permutation, a tied head that
+    ``state_dict()`` lists twice and HF files omit."""
+    cfg = {**HF_CONFIG, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True}
+    original = published_state_dict(lora_rank=4, config=cfg)
+    assert "memory_cell.model.base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias" in original
+    out, _ = _from_ref(tmp_path, original, write_config(tmp_path / "qwen", cfg), lora="keep")
+    assert "lm_head.weight" not in read_shards(out)
+    convert_to_reference(out, tmp_path / "back.pt", show_progress=False)
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    assert_same_tensors(original, back)
+    assert list(back) == list(original)
+
+
 def test_from_reference_layout(tmp_path, config_path):
     original = published_state_dict(recall_dtype=torch.bfloat16)
     out, result = _from_ref(tmp_path, original, config_path)

@@ -84,10 +84,12 @@ def published_state_dict(
     lora_rank: Optional[int] = None,
     lora_targets=("q_proj", "v_proj"),
     seed: int = 0,
+    config: Dict = HF_CONFIG,
 ) -> Dict[str, torch.Tensor]:
     """A ``RecurrentWrapper.state_dict()`` as the published code writes it (key order
     included): ``mem``, ``memory_cell.memory``, the backbone under ``memory_cell.model.``
-    (PEFT-wrapped when ``lora_rank`` is set), ``memory_cell.mem_map.*``, ``cross_attn.*``."""
+    (PEFT-wrapped when ``lora_rank`` is set), ``memory_cell.mem_map.*``, ``cross_attn.*``.
+    Tied embeddings appear twice, as ``nn.Module.state_dict()`` lists them."""
     d = HF_CONFIG["hidden_size"]
     g = torch.Generator().manual_seed(seed + 1)
     out: Dict[str, torch.Tensor] = {}
@@ -95,12 +97,16 @@ def published_state_dict(
         out["mem"] = torch.randn(1, d, generator=g)
     out["memory_cell.memory"] = torch.randn(1, d, generator=g)
     backbone = "memory_cell.model." + ("base_model.model." if lora_rank else "")
-    for key, value in hf_state_dict(seed=seed).items():
-        module = key.rsplit(".", 1)[0]
+    hf = hf_state_dict(config, seed=seed)
+    if config.get("tie_word_embeddings"):
+        hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
+    for key, value in hf.items():
+        module, param = key.rsplit(".", 1)
         if lora_rank and module.rsplit(".", 1)[-1] in lora_targets:
-            out[f"{backbone}{module}.base_layer.weight"] = value
-            out[f"{backbone}{module}.lora_A.default.weight"] = torch.randn(lora_rank, value.shape[1], generator=g) * 0.1
-            out[f"{backbone}{module}.lora_B.default.weight"] = torch.randn(value.shape[0], lora_rank, generator=g) * 0.1
+            out[f"{backbone}{module}.base_layer.{param}"] = value
+            if param == "weight":
+                out[f"{backbone}{module}.lora_A.default.weight"] = torch.randn(lora_rank, value.shape[1], generator=g) * 0.1
+                out[f"{backbone}{module}.lora_B.default.weight"] = torch.randn(value.shape[0], lora_rank, generator=g) * 0.1
         else:
             out[backbone + key] = value
     out["memory_cell.mem_map.linear.weight"] = torch.randn(d, d, generator=g)

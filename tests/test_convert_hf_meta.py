@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from torchtune.models.convert_weights import tune_to_hf
 from torchtune.models.llama3 import lora_llama3
 from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
 from torchtune.training.checkpointing import FullModelHFCheckpointer, FullModelMetaCheckpointer
@@ -106,6 +104,11 @@ def test_export_hf_merges_lora_like_torchtune(tmp_path):
     with torch.no_grad():
         tune_logits = merged(tokens)
         torch.testing.assert_close(run["lora_model"](tokens), tune_logits, atol=1e-5, rtol=0)
+
+    # Only the PEFT-format adapter (adapter_model.safetensors): the same merge.
+    (run["dir"] / "adapter_model.pt").unlink()
+    export_hf(run["dir"], tmp_path / "export2", show_progress=False)
+    assert_same_tensors(read_shards(out), read_shards(tmp_path / "export2"))
 
     transformers = pytest.importorskip("transformers")
     hf_model = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()

@@ -567,11 +567,13 @@ def convert_to_reference(
     hf_keys = layout.ordered(ours.backbone.keys())
     for hf_key in progress(hf_keys, desc="backbone", enabled=show_progress):
         tensor = _merged_hf(hf_key, ours.backbone.get(hf_key), merge, layout)
-        module = hf_key[: -len(".weight")]
+        module, param = hf_key.rsplit(".", 1)
         if module in lora_keys:
-            out[f"{backbone_prefix}{module}.base_layer.weight"] = tensor
-            for lora_key, lora_tensor in lora_keys[module]:
-                out[backbone_prefix + lora_key] = lora_tensor
+            # PEFT keeps a wrapped linear's own parameters under base_layer, LoRA after them.
+            out[f"{backbone_prefix}{module}.base_layer.{param}"] = tensor
+            if param == "weight":
+                for lora_key, lora_tensor in lora_keys[module]:
+                    out[backbone_prefix + lora_key] = lora_tensor
         else:
             out[backbone_prefix + hf_key] = tensor
         if hf_key == "model.embed_tokens.weight":

@@ -105,13 +105,15 @@ class PeftParts:
     adapter_name: Optional[str]
 
 
-def split_peft_keys(keys: Mapping[str, str]) -> PeftParts:
+def split_peft_keys(keys: Mapping[str, str], *, with_base: bool = True) -> PeftParts:
     """Sort PEFT-layout keys into base weights and LoRA pairs.
 
     Args:
         keys: key relative to the wrapped HF model (``model.layers.0.self_attn.q_proj.
             base_layer.weight``, prefixes such as ``base_model.model.`` already removed) ->
             the key in the source file (what errors name and what tensors are read by).
+        with_base: the keys include the base weights (a wrapped model's state dict), not
+            only the adapter (``adapter_model.safetensors``).
 
     Raises:
         ConversionError: DoRA/embedding LoRA, several adapters, or an unpaired A/B, naming the key.
@@ -138,7 +140,7 @@ def split_peft_keys(keys: Mapping[str, str]) -> PeftParts:
         for which, other in (("A", "B"), ("B", "A")):
             if which not in pair:
                 raise ConversionError(f"{pair[other]!r} has no lora_{which} partner; the adapter is incomplete.")
-        if f"{module}.weight" not in base:
+        if with_base and f"{module}.weight" not in base:
             raise ConversionError(f"{pair['A']!r} has no base weight ({module}.base_layer.weight).")
     return PeftParts(base=base, lora=lora, adapter_name=next(iter(names), None))
 
@@ -200,11 +202,6 @@ def tune_adapter_to_peft(
     return out
 
 
-def hf_lora_modules(adapter: TuneAdapter, layout: BackboneLayout) -> List[str]:
-    """HF module names (``model.layers.0.self_attn.q_proj``) that carry LoRA."""
-    return [layout.tune_key_to_hf(f"{m}.weight")[: -len(".weight")] for m in adapter.modules()]
-
-
 # ----------------------------------------------------------------------------- files
 def has_adapter(directory: Path) -> bool:
     return (directory / ADAPTER_PT).is_file() or (directory / ADAPTER_SAFETENSORS).is_file()
@@ -246,7 +243,11 @@ def load_adapter(directory: Path, layout: BackboneLayout) -> Optional[TuneAdapte
         adapter = TuneAdapter(weights=weights, rank=rank, alpha=alpha)
     else:
         source = open_state_dict(directory / ADAPTER_SAFETENSORS)
-        parts = split_peft_keys({_strip(k, PEFT_PREFIX): k for k in source.keys()})
+        parts = split_peft_keys({_strip(k, PEFT_PREFIX): k for k in source.keys()}, with_base=False)
+        if parts.base:
+            raise ConversionError(
+                f"{directory / ADAPTER_SAFETENSORS}: {next(iter(parts.base.values()))!r} is not a LoRA weight."
+            )
         rank = rank_of(parts, source.shape)
         adapter = peft_to_tune_adapter(parts, source.get, layout, rank, alpha)
     if config.get("r") is not None and int(config["r"]) != adapter.rank:
@@ -277,7 +278,6 @@ __all__ = [
     "TuneAdapter",
     "adapter_files",
     "has_adapter",
-    "hf_lora_modules",
     "load_adapter",
     "peft_to_tune_adapter",
     "rank_of",
