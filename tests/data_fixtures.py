@@ -17,7 +17,7 @@ CORPUS = (
     "What is the pass key? The pass key is 71432. Remember it. 0123456789 "
     "The Project Gutenberg EBook of a tale. CHAPTER I. THE END. Finis. "
     "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG. The quick brown fox jumps over the lazy dog. "
-    "Section 1. LICENSE: *** [Etext #9999] (see: www) - it's \"small print\"; ok? yes! "
+    'Section 1. LICENSE: *** [Etext #9999] (see: www) - it\'s "small print"; ok? yes! '
 )
 
 _built: Dict[str, Path] = {}
@@ -79,9 +79,7 @@ def byte_tiktoken_tokenizer(directory: Path):
     from torchtune.modules.transforms.tokenizers import TikTokenBaseTokenizer
 
     path = directory / "bytes.tiktoken"
-    path.write_text(
-        "".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256))
-    )
+    path.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
     return TikTokenBaseTokenizer(
         str(path),
         name="bytes",
@@ -129,7 +127,7 @@ OLD_STYLE_BOOK = (
     "Please take a look at the important information in this header.\n\n"
     "**Welcome To The World of Free Plain Vanilla Electronic Texts**\n\n"
     "***START**THE SMALL PRINT!**FOR PUBLIC DOMAIN ETEXTS**START***\n"
-    "Why is this \"Small Print!\" statement here?  You know: lawyers.\n"
+    'Why is this "Small Print!" statement here?  You know: lawyers.\n'
     "*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\n\n\n\n"
     "The Project Gutenberg Etext of Old Tale by Some One\n\n\n"
     "OLD TALE\n\nThe sky is blue. Quite so, said he.\n\n        Finis\n\n\n"

@@ -35,7 +35,9 @@ class Counting:
 def _books(root, n=3):
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        (root / f"{i}.txt").write_text(f"Book {i}. The grass is green. " * (i + 1), encoding="utf-8")
+        (root / f"{i}.txt").write_text(
+            f"Book {i}. The grass is green. " * (i + 1), encoding="utf-8"
+        )
     return root
 
 
@@ -54,7 +56,12 @@ def test_second_run_reads_the_cache(tmp_path, spm_tokenizer):
     assert len(_entries(cache)) == 1 and not any(n.startswith(".tmp") for n in _entries(cache))
     assert [x["tokens"].tolist() for x in first] == [x["tokens"].tolist() for x in second]
     entry = cache / _entries(cache)[0]
-    assert sorted(p.name for p in entry.iterdir()) == ["meta.json", "names.json", "offsets.npy", "tokens.npy"]
+    assert sorted(p.name for p in entry.iterdir()) == [
+        "meta.json",
+        "names.json",
+        "offsets.npy",
+        "tokens.npy",
+    ]
     assert np.load(entry / "tokens.npy", mmap_mode="r").dtype == np.uint32
 
 
@@ -72,7 +79,10 @@ def test_key_follows_files_tokenizer_and_options(tmp_path, spm_tokenizer, other_
     assert len(_entries(cache)) == 4
     other = build(other_spm_tokenizer)
     assert len(_entries(cache)) == 5
-    assert other.num_tokens != base.num_tokens or other[0]["tokens"].tolist() != base[0]["tokens"].tolist()
+    assert (
+        other.num_tokens != base.num_tokens
+        or other[0]["tokens"].tolist() != base[0]["tokens"].tolist()
+    )
     # a changed file (size and mtime) gives a new entry with the new text
     (src / "1.txt").write_text("Changed text entirely.", encoding="utf-8")
     changed = build()
@@ -98,7 +108,9 @@ def test_fingerprint_identifies_tokenizers(tmp_path, spm_path, spm_tokenizer, ot
 
 @pytest.mark.parametrize("kind", ["tiktoken", "qwen2"])
 def test_other_torchtune_tokenizers(tmp_path, kind):
-    tok = byte_tiktoken_tokenizer(tmp_path) if kind == "tiktoken" else byte_qwen2_tokenizer(tmp_path)
+    tok = (
+        byte_tiktoken_tokenizer(tmp_path) if kind == "tiktoken" else byte_qwen2_tokenizer(tmp_path)
+    )
     (tmp_path / "a.txt").write_text("caf\u00e9 \u2014 ok", encoding="utf-8")
     ds = long_text_dataset(tok, tmp_path / "a.txt", cache_dir=tmp_path / "c", progress=False)
     assert ds[0]["tokens"].tolist() == tok.encode("caf\u00e9 \u2014 ok", add_bos=True, add_eos=True)
@@ -136,7 +148,9 @@ def test_failed_build_leaves_nothing_and_damaged_entry_is_rebuilt(tmp_path, spm_
 def test_parallel_tokenization_matches(tmp_path, spm_tokenizer):
     src = _books(tmp_path / "books", n=5)
     serial = long_text_dataset(spm_tokenizer, src, cache_dir=tmp_path / "a", progress=False)
-    forked = long_text_dataset(spm_tokenizer, src, cache_dir=tmp_path / "b", num_workers=2, progress=False)
+    forked = long_text_dataset(
+        spm_tokenizer, src, cache_dir=tmp_path / "b", num_workers=2, progress=False
+    )
     assert [x["tokens"].tolist() for x in serial] == [x["tokens"].tolist() for x in forked]
 
 
@@ -146,7 +160,9 @@ def test_pickling_sends_the_token_file_by_path(tmp_path, spm_tokenizer):
     from hmt_plugin.data import SegmentWindows
 
     (tmp_path / "a.txt").write_text("The grass is green. " * 200)
-    ds = long_text_dataset(spm_tokenizer, tmp_path / "a.txt", cache_dir=tmp_path / "c", progress=False)
+    ds = long_text_dataset(
+        spm_tokenizer, tmp_path / "a.txt", cache_dir=tmp_path / "c", progress=False
+    )
     windows = SegmentWindows(ds, tokens_per_segment=8, segments_per_window=2)
     blob = pickle.dumps(windows)
     assert len(blob) < ds.tokens.nbytes  # not a copy of the tokens

@@ -92,7 +92,11 @@ def test_batch_invariance_on_hmt_tiny():
 
     alone = run([target])
     n = target.size
-    for batch_items, row in (([longer, target, shorter], 1), ([shorter, target], 1), ([target, longer], 0)):
+    for batch_items, row in (
+        ([longer, target, shorter], 1),
+        ([shorter, target], 1),
+        ([target, longer], 0),
+    ):
         out = run(batch_items)
         torch.testing.assert_close(out.nll[row, :n], alone.nll[0, :n], atol=1e-5, rtol=0)
         torch.testing.assert_close(out.logits[row, :n], alone.logits[0, :n], atol=1e-5, rtol=0)

@@ -39,7 +39,10 @@ def test_2002_2004_files_with_both_kinds():
 
 def test_text_without_markers_is_kept():
     body = "\ufeffTo Sherlock Holmes she is always THE woman.\r\nI have seldom heard him.\r\n"
-    assert strip_gutenberg(body) == "To Sherlock Holmes she is always THE woman.\nI have seldom heard him."
+    assert (
+        strip_gutenberg(body)
+        == "To Sherlock Holmes she is always THE woman.\nI have seldom heard him."
+    )
 
 
 def test_book_mentioning_the_end_in_its_text_is_not_cut():
@@ -47,12 +50,24 @@ def test_book_mentioning_the_end_in_its_text_is_not_cut():
         "*** START OF THIS PROJECT GUTENBERG EBOOK Z ***\n\nZ\n\nAt the end of the day, the end of "
         "the Project was near.\nThe End\n\n*** END OF THIS PROJECT GUTENBERG EBOOK Z ***\nLICENSE"
     )
-    assert strip_gutenberg(text) == "Z\n\nAt the end of the day, the end of the Project was near.\nThe End"
+    assert (
+        strip_gutenberg(text)
+        == "Z\n\nAt the end of the day, the end of the Project was near.\nThe End"
+    )
 
 
 def test_wikitext_articles():
-    lines = [" \n", " = A = \n", " \n", " text a . \n", " = = Sub = = \n", " more a . \n",
-             " = B = \n", " text b . \n", " = = = Deep = = = \n"]
+    lines = [
+        " \n",
+        " = A = \n",
+        " \n",
+        " text a . \n",
+        " = = Sub = = \n",
+        " more a . \n",
+        " = B = \n",
+        " text b . \n",
+        " = = = Deep = = = \n",
+    ]
     articles = list(split_wikitext_articles(lines))
     assert len(articles) == 2
     assert articles[0].startswith(" \n = A = ") and "more a" in articles[0]

@@ -11,7 +11,9 @@ L = 24
 
 
 def _recall(**kw):
-    args = dict(num_documents=30, tokens_per_segment=L, distance_segments=[0, 1, 3], vocab_size=64, seed=3)
+    args = dict(
+        num_documents=30, tokens_per_segment=L, distance_segments=[0, 1, 3], vocab_size=64, seed=3
+    )
     args.update(kw)
     return synthetic_recall_dataset(**args)
 
@@ -83,8 +85,12 @@ def test_batches_carry_distance_and_only_answer_labels():
 
 def test_text_rendering_with_a_tokenizer(spm_tokenizer):
     ds = synthetic_recall_dataset(
-        spm_tokenizer, num_documents=6, tokens_per_segment=96, distance_segments=[1, 2],
-        value_length=5, seed=0,
+        spm_tokenizer,
+        num_documents=6,
+        tokens_per_segment=96,
+        distance_segments=[1, 2],
+        value_length=5,
+        seed=0,
     )
     for i in range(len(ds)):
         item = ds[i]
@@ -94,10 +100,17 @@ def test_text_rendering_with_a_tokenizer(spm_tokenizer):
         value = spm_tokenizer.decode(answer).strip()
         assert len(value) == 5 and value.isdigit()
         text = spm_tokenizer.decode(tokens.tolist())
-        assert f"The pass key is {value}" in text and text.rstrip().endswith(f"The pass key is {value}")
+        assert f"The pass key is {value}" in text and text.rstrip().endswith(
+            f"The pass key is {value}"
+        )
         assert tokens.size == (item["distance"] + 1) * 96
     keyed = synthetic_recall_dataset(
-        spm_tokenizer, num_documents=2, tokens_per_segment=128, distance_segments=1, key_length=3, seed=0
+        spm_tokenizer,
+        num_documents=2,
+        tokens_per_segment=128,
+        distance_segments=1,
+        key_length=3,
+        seed=0,
     )
     text = spm_tokenizer.decode(keyed[0]["tokens"].tolist())
     assert "What is the value of key" in text

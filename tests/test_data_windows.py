@@ -69,7 +69,9 @@ def test_random_offsets_are_deterministic_and_vary_by_epoch():
     docs = _docs(lengths)
 
     def grid(seed, epoch):
-        w = SegmentWindows(docs, tokens_per_segment=4, segments_per_window=4, random_offset=True, seed=seed)
+        w = SegmentWindows(
+            docs, tokens_per_segment=4, segments_per_window=4, random_offset=True, seed=seed
+        )
         w.set_epoch(epoch)
         return _spans(w)
 
@@ -99,7 +101,9 @@ def test_set_epoch_matches_a_fresh_dataset_at_that_epoch():
     resumed = SegmentWindows(docs, **kwargs)
     resumed.set_epoch(2)
     assert _spans(running) == _spans(resumed)
-    assert all(np.array_equal(running[i]["tokens"], resumed[i]["tokens"]) for i in range(len(resumed)))
+    assert all(
+        np.array_equal(running[i]["tokens"], resumed[i]["tokens"]) for i in range(len(resumed))
+    )
 
 
 def test_concatenated_documents_let_windows_cross_boundaries():

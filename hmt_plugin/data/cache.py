@@ -79,7 +79,10 @@ class CachedTokens:
         if names_path.exists():
             with open(names_path, encoding="utf-8") as f:
                 self.names = json.load(f)
-        if int(self.offsets[-1]) != self.tokens.shape[0] or self.meta.get("format") != FORMAT_VERSION:
+        if (
+            int(self.offsets[-1]) != self.tokens.shape[0]
+            or self.meta.get("format") != FORMAT_VERSION
+        ):
             raise ValueError(f"inconsistent cache entry {path}")
 
 
@@ -141,7 +144,9 @@ class TokenCacheWriter:
         """Finish the files and move the entry into place; returns it opened."""
         header = _npy_header(self.num_tokens)
         if len(header) != _HEADER_BYTES:  # only for absurd lengths; never in practice
-            raise ValueError(f"corpus of {self.num_tokens} tokens is too large for the cache format.")
+            raise ValueError(
+                f"corpus of {self.num_tokens} tokens is too large for the cache format."
+            )
         self._file.seek(0)
         self._file.write(header)
         self._file.close()

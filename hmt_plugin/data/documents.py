@@ -48,7 +48,9 @@ class TokenizedDocuments(Dataset):
         if not np.issubdtype(tokens.dtype, np.integer):
             raise ValueError(f"tokens must hold integer ids; got dtype {tokens.dtype}.")
         if offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0:
-            raise ValueError("offsets must be a 1-D array starting at 0 (one entry per document + 1).")
+            raise ValueError(
+                "offsets must be a 1-D array starting at 0 (one entry per document + 1)."
+            )
         if offsets[-1] != tokens.shape[0] or (offsets.size > 1 and np.any(np.diff(offsets) < 0)):
             raise ValueError(
                 f"offsets must be non-decreasing and end at len(tokens)={tokens.shape[0]}; "
@@ -179,14 +181,22 @@ class TokenizedDocuments(Dataset):
         state = dict(self.__dict__)
         tokens = self.tokens
         if isinstance(tokens, np.memmap) and getattr(tokens, "filename", None):
-            state["tokens"] = ("memmap", tokens.filename, tokens.offset, tokens.dtype.str, tokens.shape)
+            state["tokens"] = (
+                "memmap",
+                tokens.filename,
+                tokens.offset,
+                tokens.dtype.str,
+                tokens.shape,
+            )
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         tokens = state["tokens"]
         if isinstance(tokens, tuple) and tokens and tokens[0] == "memmap":
             _, filename, offset, dtype, shape = tokens
-            state["tokens"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape)
+            state["tokens"] = np.memmap(
+                filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape
+            )
         self.__dict__.update(state)
 
     def __repr__(self) -> str:

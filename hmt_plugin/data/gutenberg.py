@@ -58,7 +58,9 @@ def normalize_newlines(text: str) -> str:
 
 
 def _drop_credit_paragraphs(body: str) -> str:
-    paragraphs: List[str] = re.split(r"\n[ \t]*\n", body.lstrip("\n"), maxsplit=_MAX_CREDIT_PARAGRAPHS)
+    paragraphs: List[str] = re.split(
+        r"\n[ \t]*\n", body.lstrip("\n"), maxsplit=_MAX_CREDIT_PARAGRAPHS
+    )
     dropped = 0
     while dropped < min(_MAX_CREDIT_PARAGRAPHS, len(paragraphs) - 1):
         paragraph = paragraphs[dropped]

@@ -5,7 +5,7 @@ import logging
 import os
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Union
 
 from hmt_plugin.data.cache import file_signature
 from hmt_plugin.data.documents import TokenizedDocuments
@@ -118,7 +118,9 @@ def _check_columns(columns: Optional[List[str]], column: str, label: str) -> Non
         )
 
 
-def _grouped_rows(rows: Iterator[NamedText], article_split: Optional[str], label: str) -> Iterator[NamedText]:
+def _grouped_rows(
+    rows: Iterator[NamedText], article_split: Optional[str], label: str
+) -> Iterator[NamedText]:
     """Rows as documents, or (WikiText) rows as lines grouped into articles."""
     if article_split != "wikitext":
         return rows
@@ -214,13 +216,33 @@ def long_text_dataset(
         )
     if local.exists() and not _is_saved_dataset(local):
         docs = _local_documents(
-            tokenizer, local, options, article_split, add_bos, add_eos, cache_dir,
-            num_workers, progress,
+            tokenizer,
+            local,
+            options,
+            article_split,
+            add_bos,
+            add_eos,
+            cache_dir,
+            num_workers,
+            progress,
         )
     else:
         docs = _hf_documents(
-            tokenizer, str(source), name, split, data_files, streaming, options, article_split,
-            add_bos, add_eos, cache_dir, num_workers, progress, hf_cache_dir, load_dataset_kwargs,
+            tokenizer,
+            str(source),
+            name,
+            split,
+            data_files,
+            streaming,
+            options,
+            article_split,
+            add_bos,
+            add_eos,
+            cache_dir,
+            num_workers,
+            progress,
+            hf_cache_dir,
+            load_dataset_kwargs,
         )
     return docs.concatenated() if concatenate else docs
 
@@ -256,8 +278,15 @@ def _local_documents(
         **options,
     }
     return tokenize_documents(
-        tokenizer, named_texts, description=description, add_bos=add_bos, add_eos=add_eos,
-        cache_dir=cache_dir, total=total, num_workers=num_workers, progress=progress,
+        tokenizer,
+        named_texts,
+        description=description,
+        add_bos=add_bos,
+        add_eos=add_eos,
+        cache_dir=cache_dir,
+        total=total,
+        num_workers=num_workers,
+        progress=progress,
     )
 
 
@@ -275,8 +304,21 @@ def _open_saved(path: Path, split: str) -> Any:
 
 
 def _hf_documents(
-    tokenizer, source, name, split, data_files, streaming, options, article_split,
-    add_bos, add_eos, cache_dir, num_workers, progress, hf_cache_dir, load_kwargs,
+    tokenizer,
+    source,
+    name,
+    split,
+    data_files,
+    streaming,
+    options,
+    article_split,
+    add_bos,
+    add_eos,
+    cache_dir,
+    num_workers,
+    progress,
+    hf_cache_dir,
+    load_kwargs,
 ) -> TokenizedDocuments:
     import datasets
 
@@ -344,6 +386,13 @@ def _hf_documents(
 
         total = len(ds) if split_mode is None else None
     return tokenize_documents(
-        tokenizer, named_texts, description=description, add_bos=add_bos, add_eos=add_eos,
-        cache_dir=cache_dir, total=total, num_workers=num_workers, progress=progress,
+        tokenizer,
+        named_texts,
+        description=description,
+        add_bos=add_bos,
+        add_eos=add_eos,
+        cache_dir=cache_dir,
+        total=total,
+        num_workers=num_workers,
+        progress=progress,
     )

@@ -23,7 +23,7 @@ Two renderings:
   answer tokens are known exactly.
 """
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
@@ -39,7 +39,9 @@ DEFAULT_FILLER_TEXT = (
 NEEDLE_POSITIONS = ("random", "start")
 
 
-def _distances(distance_segments: Union[int, Sequence[int]], n: int, rng: np.random.Generator) -> np.ndarray:
+def _distances(
+    distance_segments: Union[int, Sequence[int]], n: int, rng: np.random.Generator
+) -> np.ndarray:
     choices = [distance_segments] if isinstance(distance_segments, int) else list(distance_segments)
     if not choices or any(not isinstance(d, (int, np.integer)) or d < 0 for d in choices):
         raise ValueError(
@@ -64,7 +66,8 @@ class _TokenLevel:
         self.num_symbols = available if num_symbols is None else int(num_symbols)
         if not 2 <= self.num_symbols <= available:
             raise ValueError(
-                f"num_symbols={num_symbols} must be in [2, {available}] for vocab_size={vocab_size}."
+                f"num_symbols={num_symbols} must be in [2, {available}] for "
+                f"vocab_size={vocab_size}."
             )
         self.first_symbol = first_symbol
         self.period = filler_period
@@ -110,7 +113,9 @@ class _TextLevel:
 
     def needle(self, key: str, value: str) -> np.ndarray:
         if key:
-            return self._encode(f" The value of key {key} is {value}. Remember it. {key} holds {value}.")
+            return self._encode(
+                f" The value of key {key} is {value}. Remember it. {key} holds {value}."
+            )
         return self._encode(f" The pass key is {value}. Remember it. {value} is the pass key.")
 
     def question(self, key: str, value: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -166,7 +171,11 @@ def synthetic_recall_dataset(
         TokenizedDocuments: items ``{"tokens", "labels", "distance", "answer_start",
         "needle_start"}``; ``labels`` are -100 except on the answer tokens.
     """
-    for name, value in (("num_documents", num_documents), ("tokens_per_segment", tokens_per_segment), ("value_length", value_length)):
+    for name, value in (
+        ("num_documents", num_documents),
+        ("tokens_per_segment", tokens_per_segment),
+        ("value_length", value_length),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer.")
     if key_length < 0 or lead_segments < 0:
@@ -175,7 +184,11 @@ def synthetic_recall_dataset(
         raise ValueError(f"needle_position={needle_position!r}: use 'random' or 'start'.")
     use_tokens = tokenizer is None if token_level is None else token_level
     if use_tokens:
-        size = vocab_size if vocab_size is not None else vocab_size_of(tokenizer) if tokenizer is not None else None
+        size = (
+            vocab_size
+            if vocab_size is not None
+            else vocab_size_of(tokenizer) if tokenizer is not None else None
+        )
         if size is None:
             raise ValueError("token-level recall data needs vocab_size= (no tokenizer given).")
         render: Any = _TokenLevel(size, filler_period, num_symbols)
@@ -197,7 +210,9 @@ def synthetic_recall_dataset(
         value = render.symbols(rng, value_length)
         needle = render.needle(key, value)
         question, answer = render.question(key, value)
-        tail = np.concatenate([question, answer] + ([[eos]] if eos is not None else [])).astype(np.int64)
+        tail = np.concatenate([question, answer] + ([[eos]] if eos is not None else [])).astype(
+            np.int64
+        )
         total = (lead_segments + d + 1) * L
         q_start = total - tail.size
         last_seg = total - L

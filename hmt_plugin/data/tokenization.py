@@ -37,9 +37,7 @@ def _encode_named(item: NamedText) -> Tuple[str, Optional[np.ndarray]]:
     name, text = item
     if text is None or not text.strip():
         return name, None
-    ids = encode(
-        _WORKER["tokenizer"], text, add_bos=_WORKER["add_bos"], add_eos=_WORKER["add_eos"]
-    )
+    ids = encode(_WORKER["tokenizer"], text, add_bos=_WORKER["add_bos"], add_eos=_WORKER["add_eos"])
     return name, ids
 
 
@@ -56,7 +54,10 @@ def _encode_stream(
     try:
         if num_workers <= 0 or "fork" not in multiprocessing.get_all_start_methods():
             if num_workers > 0:
-                log.warning("num_workers=%d needs the 'fork' start method; tokenizing in this process.", num_workers)
+                log.warning(
+                    "num_workers=%d needs the 'fork' start method; tokenizing in this process.",
+                    num_workers,
+                )
             yield from map(_encode_named, named_texts)
             return
         ctx = multiprocessing.get_context("fork")
@@ -133,7 +134,10 @@ def tokenize_documents(
         log.info(
             "Loaded %d documents (%d tokens) from the token cache %s; %d empty documents were "
             "skipped when it was built.",
-            len(docs), docs.num_tokens, entry.path, docs.skipped_empty,
+            len(docs),
+            docs.num_tokens,
+            entry.path,
+            docs.skipped_empty,
         )
         return docs
 
@@ -175,6 +179,10 @@ def tokenize_documents(
     docs = _documents_from_entry(entry, vocab, bos_id, eos_id)
     log.info(
         "Tokenized %d documents (%d tokens) in %.1f s (%.0f tokens/s); cached at %s.",
-        len(docs), docs.num_tokens, seconds, docs.num_tokens / max(seconds, 1e-9), entry.path,
+        len(docs),
+        docs.num_tokens,
+        seconds,
+        docs.num_tokens / max(seconds, 1e-9),
+        entry.path,
     )
     return docs

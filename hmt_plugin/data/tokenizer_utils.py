@@ -12,7 +12,8 @@ import numpy as np
 # model-file hash does not cover (special tokens, normalisation, BOS/EOS handling).
 _PROBE = (
     "The Project Gutenberg EBook of Emma, by Jane Austen.\n\n  Chapter I\n"
-    "\u201cQuite so,\u201d said he \u2014 1815; caf\u00e9 na\u00efve \u00fcber \u4e2d\u6587 <s></s> \t\tend."
+    "\u201cQuite so,\u201d said he \u2014 1815; caf\u00e9 na\u00efve \u00fcber "
+    "\u4e2d\u6587 <s></s> \t\tend."
 )
 
 _fingerprints: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()

@@ -54,7 +54,9 @@ def _body(docs: TokenizedDocuments, i: int) -> Tuple[int, int]:
     return start, stop
 
 
-def _wrap(docs: TokenizedDocuments, tokens: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _wrap(
+    docs: TokenizedDocuments, tokens: np.ndarray, labels: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray]:
     """Put the source's BOS/EOS back around a new document. EOS is a target as in the source:
     itself for plain text, ignored when the source has its own labels."""
     head = [docs.bos_id] if docs.bos_id is not None else []
@@ -127,7 +129,9 @@ def interleaved_dataset(
     out_tokens, out_labels = [], []
     for a, b in pairs.tolist():
         pos = interleave_positions(_body(docs, a), _body(docs, b), every_n_tokens)
-        tokens, labels = _wrap(docs, np.asarray(docs.tokens[pos], np.int64), np.asarray(source_labels[pos], np.int64))
+        tokens, labels = _wrap(
+            docs, np.asarray(docs.tokens[pos], np.int64), np.asarray(source_labels[pos], np.int64)
+        )
         out_tokens.append(tokens)
         out_labels.append(labels)
     return TokenizedDocuments.from_sequences(
@@ -140,7 +144,15 @@ def interleaved_dataset(
     )
 
 
-def dilate(tokens: np.ndarray, labels: np.ndarray, *, every_n_tokens: int, filler_tokens: int, filler_id: int, label_filler: bool) -> Tuple[np.ndarray, np.ndarray]:
+def dilate(
+    tokens: np.ndarray,
+    labels: np.ndarray,
+    *,
+    every_n_tokens: int,
+    filler_tokens: int,
+    filler_id: int,
+    label_filler: bool,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Insert ``filler_tokens`` copies of ``filler_id`` after every ``every_n_tokens`` tokens
     (not after the last chunk). Filler positions are labelled ``filler_id`` if
     ``label_filler`` else -100."""
@@ -149,7 +161,9 @@ def dilate(tokens: np.ndarray, labels: np.ndarray, *, every_n_tokens: int, fille
     out_len = n + max(chunks - 1, 0) * filler_tokens
     real = np.arange(n) + (np.arange(n) // every_n_tokens) * filler_tokens
     out = np.full(out_len, filler_id, dtype=np.int64)
-    out_labels = np.full(out_len, filler_id if label_filler else CROSS_ENTROPY_IGNORE_IDX, dtype=np.int64)
+    out_labels = np.full(
+        out_len, filler_id if label_filler else CROSS_ENTROPY_IGNORE_IDX, dtype=np.int64
+    )
     out[real] = tokens
     out_labels[real] = labels
     return out, out_labels
@@ -199,8 +213,12 @@ def dilated_dataset(
         body = np.asarray(docs.tokens[start:stop], np.int64)
         body_labels = np.asarray(source_labels[start:stop], np.int64)
         tokens, labels = dilate(
-            body, body_labels, every_n_tokens=every_n_tokens, filler_tokens=filler_tokens,
-            filler_id=filler_id, label_filler=label_filler,
+            body,
+            body_labels,
+            every_n_tokens=every_n_tokens,
+            filler_tokens=filler_tokens,
+            filler_id=filler_id,
+            label_filler=label_filler,
         )
         tokens, labels = _wrap(docs, tokens, labels)
         out_tokens.append(tokens)

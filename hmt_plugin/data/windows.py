@@ -87,7 +87,9 @@ class SegmentWindows(Dataset):
             ("stride", stride),
             ("max_tokens", max_tokens),
         ):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
         if segments_per_window is None and (stride is not None or random_offset):
             raise ValueError(
@@ -172,5 +174,12 @@ class SegmentWindows(Dataset):
         return item
 
     def __repr__(self) -> str:
-        mode = "eval" if self.window_tokens is None else f"train(window={self.window_tokens}, stride={self.stride})"
-        return f"SegmentWindows({mode}, windows={len(self)}, documents={len(self.documents)}, epoch={self.epoch})"
+        mode = (
+            "eval"
+            if self.window_tokens is None
+            else f"train(window={self.window_tokens}, stride={self.stride})"
+        )
+        return (
+            f"SegmentWindows({mode}, windows={len(self)}, documents={len(self.documents)}, "
+            f"epoch={self.epoch})"
+        )
