@@ -228,8 +228,12 @@ def test_to_reference_of_a_model_trained_here(tmp_path, config_path):
     assert set(back) == set(original)
     assert torch.equal(back["memory_cell.mem_map.linear.weight"], torch.eye(32))
     assert any("identity" in n for n in result.notes)
-    hparams = json.loads((tmp_path / "ref.hparams.json").read_text())["published_args"]
+    hparams = json.loads((tmp_path / "ref.hparams.json").read_text())
     assert hparams["segment_length"] == 16 and hparams["mem_recall_hidden_dim"] == 24
+    # The settings file carries the backbone config: it alone suffices to convert back.
+    convert_from_reference(tmp_path / "ref.pt", tmp_path / "again", hparams=tmp_path / "ref.hparams.json",
+                           show_progress=False)
+    assert load_hmt_checkpoint(tmp_path / "again")[1] == load_hmt_checkpoint(out)[1]
 
 
 # ----------------------------------------------------------------------------- bad inputs

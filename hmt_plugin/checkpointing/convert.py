@@ -520,7 +520,8 @@ def convert_to_reference(
 ) -> ConversionResult:
     """One of our checkpoint directories -> a state dict the published HMT code loads
     (``torch.load`` + strict ``RecurrentWrapper.load_state_dict``), plus its settings in the
-    published argument names (``<output stem>.hparams.json``).
+    published argument names and the backbone's config (``<output stem>.hparams.json``, also
+    usable as ``hparams`` of :func:`convert_from_reference`).
 
     Args:
         checkpoint_dir: our checkpoint directory (HF backbone, optional LoRA adapter, HMT files).
@@ -599,8 +600,9 @@ def convert_to_reference(
         result.note("mode 'hmt' without recall weights: written as a stage-1 checkpoint "
                     "(load it in the published code with --hmt_stage_2 --load_from_ckpt).")
     hparams_output = Path(hparams_output) if hparams_output else output.with_name(output.stem + ".hparams.json")
-    record = {"published_args": args, "use_lora": wrapped, "checkpoint": output.name,
-              "hf_config": ours.config, "notes": list(result.notes)}
+    # Flat, in the published names: the file is also a valid --hparams for from-reference.
+    record = {**args, "use_lora": wrapped, "checkpoint": output.name, "hf_config": ours.config,
+              "notes": list(result.notes)}
     hparams_output.write_text(json.dumps(record, indent=2))
     result.note(f"wrote {output} and {hparams_output}.")
     return result
@@ -692,7 +694,8 @@ def meta_params_from_hf(cfg: Mapping[str, Any], layout: BackboneLayout) -> Dict[
         "norm_eps": cfg.get("rms_norm_eps", 1e-5),
         "rope_theta": rope_theta_of(cfg),
     }
-    scaling = cfg.get("rope_scaling") or {}
+    # transformers 4 writes rope_scaling, transformers 5 rope_parameters.
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
     if scaling.get("rope_type") == "llama3":
         params["use_scaled_rope"] = True
     return params
