@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from hmt_plugin.training import checkpoints as ckpt
 from hmt_plugin.training.data_setup import build_dataloader, build_documents, pad_id_of
-from hmt_plugin.training.loss import segment_loss
+from hmt_plugin.training.loss import LossAccumulator, segment_loss
 from hmt_plugin.training.model_setup import (
     checkpoint_parts,
     cpu_state_dict,
@@ -238,7 +238,7 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
                            self._device, self._output_dir, step=self.global_step)
 
     def _train_epochs(self, profiler) -> None:
-        sums = _Running()
+        sums = LossAccumulator()
         t0 = time.perf_counter()
         steps_done_in_epoch = self.global_step - self.epoch * self._steps_per_epoch
         while self.epoch < self.total_epochs:
@@ -262,17 +262,18 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
                 profiler.step()
                 if self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
                     self.save_checkpoint()
-                sums = _Running()
+                sums = LossAccumulator()
                 t0 = time.perf_counter()
             pbar.close()
             # Micro-batches left over at the end of an epoch do not leak into the next step.
             self._optimizer.zero_grad(set_to_none=True)
-            sums = _Running()
+            sums = LossAccumulator()
             self.epoch += 1
             steps_done_in_epoch = 0
 
-    def _optimizer_step(self, sums: "_Running", elapsed: float) -> Dict[str, float]:
-        loss_value = sums.loss.item() / max(sums.tokens.item(), 1)
+    def _optimizer_step(self, sums: LossAccumulator, elapsed: float) -> Dict[str, float]:
+        metrics = sums.metrics(elapsed)
+        loss_value = metrics["loss"]
         if not math.isfinite(loss_value):
             latest = ckpt.latest_checkpoint(self._output_dir)
             raise FloatingPointError(
@@ -280,8 +281,7 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
                 f"optimizer step. The last good checkpoint is {latest or 'none yet'}. Lower the "
                 "learning rate, enable clip_grad_norm, or use dtype=fp32."
             )
-        training.scale_grads(self._model, 1 / sums.tokens)
-        metrics: Dict[str, float] = {}
+        training.scale_grads(self._model, 1 / sums.num_tokens)
         if self._clip_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self._model.parameters(), max_norm=float(self._clip_grad_norm)
@@ -292,7 +292,6 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
         self.global_step += 1
-        metrics.update(sums.metrics(loss_value, elapsed))
         metrics["lr"] = self._optimizer.param_groups[0]["lr"]
         if self._device.type == "cuda" and self._log_peak_memory_stats:
             metrics.update(training.get_memory_stats(device=self._device))
@@ -300,32 +299,6 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
 
     def cleanup(self) -> None:
         self._metric_logger.close()
-
-
-class _Running:
-    """Sums over the micro-batches of one optimizer step."""
-
-    def __init__(self) -> None:
-        self.loss = self.tokens = 0
-        self.last = self.last_tokens = self.all = self.all_tokens = 0
-
-    def add(self, s) -> None:
-        self.loss = self.loss + s.loss_sum.detach()
-        self.tokens = self.tokens + s.num_tokens
-        self.last = self.last + s.last_sum
-        self.last_tokens = self.last_tokens + s.last_tokens
-        self.all = self.all + s.all_sum
-        self.all_tokens = self.all_tokens + s.all_tokens
-
-    def metrics(self, loss_value: float, elapsed: float) -> Dict[str, float]:
-        last = float(self.last) / max(int(self.last_tokens), 1)
-        every = float(self.all) / max(int(self.all_tokens), 1)
-        return {
-            "loss": loss_value,
-            "ppl_last_segment": math.exp(min(last, 50.0)),
-            "ppl_all_segments": math.exp(min(every, 50.0)),
-            "tokens_per_second": float(self.all_tokens) / max(elapsed, 1e-9),
-        }
 
 
 @config.parse

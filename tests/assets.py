@@ -24,7 +24,6 @@ def write_sentencepiece(directory: Path, vocab_size: int = 256) -> Path:
         vocab_size=vocab_size,
         model_type="bpe",
         character_coverage=1.0,
-        byte_fallback=True,
         unk_id=0,
         bos_id=1,
         eos_id=2,

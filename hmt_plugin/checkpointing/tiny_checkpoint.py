@@ -3,7 +3,7 @@ and the tests: the same files a user downloads, read by the same torchtune check
 
 import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -60,22 +60,32 @@ def write_tiny_hf_llama(
 
 
 def tiny_llama_checkpointer(
-    checkpoint_dir: str, output_dir: str, *, seed: int = 0, **checkpointer_kwargs: Any
+    checkpoint_dir: str,
+    output_dir: str,
+    *,
+    checkpoint_files: Optional[List[str]] = None,
+    seed: int = 0,
+    max_seq_len: int = 512,
+    **kwargs: Any,
 ) -> FullModelHFCheckpointer:
-    """torchtune's ``FullModelHFCheckpointer`` on a tiny random Llama at ``checkpoint_dir``,
-    written there first if it is not there yet. Use as the demo config's ``checkpointer``.
-    Accepts ``TINY_LLAMA`` dims (``vocab_size=``, ``embed_dim=``, ...) for the first write."""
-    dims = {k: checkpointer_kwargs.pop(k) for k in list(checkpointer_kwargs) if k in TINY_LLAMA}
-    max_seq_len = checkpointer_kwargs.pop("max_seq_len", 512)
+    """torchtune's ``FullModelHFCheckpointer`` (model type LLAMA3) on a tiny Llama.
+
+    Without ``checkpoint_files``, reads ``<checkpoint_dir>/model.safetensors``, writing a random
+    Llama there first (``TINY_LLAMA`` dims, overridable: ``vocab_size=``, ``embed_dim=``, ...) if
+    it is not there yet: the demo config's backbone. With ``checkpoint_files`` (e.g. a recipe
+    reloading a step checkpoint) it reads those files and writes nothing. Other keyword
+    arguments go to the checkpointer."""
+    dims = {k: kwargs.pop(k) for k in list(kwargs) if k in TINY_LLAMA}
+    kwargs.pop("model_type", None)
     path = Path(checkpoint_dir)
-    if not (path / "model.safetensors").is_file():
-        write_tiny_hf_llama(path, seed=seed, max_seq_len=max_seq_len, **dims)
-    checkpointer_kwargs.pop("checkpoint_files", None)
-    checkpointer_kwargs.pop("model_type", None)
+    if checkpoint_files is None:
+        checkpoint_files = ["model.safetensors"]
+        if not (path / "model.safetensors").is_file():
+            write_tiny_hf_llama(path, seed=seed, max_seq_len=max_seq_len, **dims)
     return FullModelHFCheckpointer(
         checkpoint_dir=str(path),
-        checkpoint_files=["model.safetensors"],
+        checkpoint_files=list(checkpoint_files),
         model_type="LLAMA3",
         output_dir=output_dir,
-        **checkpointer_kwargs,
+        **kwargs,
     )

@@ -2,6 +2,7 @@
 
 from typing import Any, Callable, Mapping, Optional, Union
 
+from omegaconf import OmegaConf
 from torch import nn
 from torchtune import config as tt_config
 from torchtune.config._utils import _get_component_from_path
@@ -24,7 +25,7 @@ def build_backbone(backbone: BackboneSpec) -> nn.Module:
                 "model.backbone needs a `_component_` naming a torchtune decoder builder, e.g. "
                 "torchtune.models.llama2.lora_llama2_7b."
             )
-        return tt_config.instantiate(backbone)
+        return tt_config.instantiate(OmegaConf.create(dict(backbone)))
     if isinstance(backbone, str):
         return _get_component_from_path(backbone)()
     if callable(backbone):

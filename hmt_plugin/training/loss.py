@@ -1,7 +1,8 @@
 """Training loss over segments: every segment, or the last one only (the published code's)."""
 
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Dict, Sequence
 
 import torch
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
@@ -70,3 +71,42 @@ def segment_loss(
         all_sum=torch.where(scored, detached, zero).sum(),
         all_tokens=scored.sum(),
     )
+
+
+class LossAccumulator:
+    """Sums of :class:`SegmentLoss` over the micro-batches of one optimizer step (and, after
+    :meth:`all_reduce`, over the ranks), so the loss is normalised by the step's total number
+    of targets exactly as one big batch would be."""
+
+    def __init__(self) -> None:
+        self._sums = None
+
+    def add(self, loss: SegmentLoss) -> None:
+        values = torch.stack(
+            [
+                loss.loss_sum.detach().float(),
+                loss.num_tokens.float(),
+                loss.last_sum.float(),
+                loss.last_tokens.float(),
+                loss.all_sum.float(),
+                loss.all_tokens.float(),
+            ]
+        )
+        self._sums = values if self._sums is None else self._sums + values
+
+    def all_reduce(self) -> None:
+        torch.distributed.all_reduce(self._sums)
+
+    @property
+    def num_tokens(self) -> torch.Tensor:
+        return self._sums[1]
+
+    def metrics(self, elapsed: float, world_size: int = 1) -> Dict[str, float]:
+        """One host sync: the step's loss, both perplexities and throughput."""
+        loss, tokens, last, last_n, every, every_n = self._sums.tolist()
+        return {
+            "loss": loss / max(tokens, 1.0),
+            "ppl_last_segment": math.exp(min(last / max(last_n, 1.0), 50.0)),
+            "ppl_all_segments": math.exp(min(every / max(every_n, 1.0), 50.0)),
+            "tokens_per_second_per_rank": every_n / max(elapsed, 1e-9) / world_size,
+        }

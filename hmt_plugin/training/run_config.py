@@ -15,7 +15,7 @@ FINETUNE_KEYS = {
     "gradient_accumulation_steps", "clip_grad_norm", "compile", "enable_activation_checkpointing",
     "metric_logger", "log_every_n_steps", "log_peak_memory_stats", "save_every_n_steps",
     "keep_last_n_checkpoints", "profiler", "validation", "fsdp_cpu_offload",
-    "fsdp_reshard_after_forward", "distributed_timeout_s",
+    "fsdp_reshard_after_forward", "distributed_timeout_s", "backbone_dir",
 }
 FINETUNE_REQUIRED = {
     "output_dir", "model", "checkpointer", "dataset", "optimizer", "batch_size", "epochs",

@@ -11,7 +11,8 @@ from hmt_plugin.training.data_setup import build_documents, pad_id_of
 
 def run_validation(model, cfg: DictConfig, tokenizer: Any, metric_logger, device, output_dir, step: int) -> List[dict]:
     """Score ``cfg.dataset`` in each of ``cfg.modes``; log the scores, write
-    ``<output_dir>/validation.json`` and print a table."""
+    ``<output_dir>/validation.json`` and print a table. ``metric_logger=None`` scores without
+    reporting (the other ranks of a sharded model)."""
     documents = build_documents(cfg.dataset, tokenizer)
     modes = available_modes(model, list(cfg.get("modes", [model.config.mode])))
     scores = [
@@ -26,6 +27,8 @@ def run_validation(model, cfg: DictConfig, tokenizer: Any, metric_logger, device
         )
         for mode in modes
     ]
+    if metric_logger is None:
+        return [s.to_dict() for s in scores]
     for s in scores:
         metric_logger.log_dict(
             {f"val/{s.mode}/ppl": s.ppl, f"val/{s.mode}/accuracy": s.accuracy}, step=step

@@ -1,0 +1,367 @@
+"""Fine-tune a Hierarchical Memory Transformer on several devices with FSDP2, LoRA or full.
+
+    hmt-tune run --nproc_per_node 2 hmt_finetune_distributed --config tiny/hmt_lora_cpu
+    hmt-tune run --nnodes 2 --nproc_per_node 8 --rdzv_endpoint host:29500 \\
+        hmt_finetune_distributed --config llama2_7b/hmt_lora_pg19
+
+NCCL on GPUs, gloo on CPU. The HMT wrapper is the root FSDP unit and every decoder layer is
+sharded inside it: HMT calls the backbone's embedding and layers several times per step
+(a batched representation pass, then one pass per segment), and sharding the backbone
+alone as the root leaves the wrapper holding plain tensors beside DTensors.
+
+The model is built on the meta device; rank 0's checkpoint weights, the LoRA adapters and
+the HMT parameters (drawn the same way as on one device, from ``seed``) are loaded into the
+shards. With the same global batch (``batch_size * nproc_per_node``) a run computes the
+same losses as ``hmt_finetune_single_device``: the loss of a step is normalised by the
+number of targets over all ranks.
+
+Everything else (checkpoints, resume, two stages, validation) is as in the single-device
+recipe; only rank 0 writes.
+"""
+
+import math
+import sys
+import time
+from datetime import timedelta
+from functools import partial
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+from torch.distributed.tensor import DTensor
+from torchtune import config, modules, training, utils
+from torchtune.recipe_interfaces import FTRecipeInterface
+from tqdm import tqdm
+
+from hmt_plugin.training import checkpoints as ckpt
+from hmt_plugin.training.data_setup import build_dataloader, build_documents, pad_id_of
+from hmt_plugin.training.loss import LossAccumulator, segment_loss
+from hmt_plugin.training.model_setup import (
+    checkpoint_parts,
+    initial_state_dict,
+    lora_settings,
+    set_trainable,
+)
+from hmt_plugin.training.run_config import validate_finetune_config
+from hmt_plugin.training.validation import run_validation
+
+log = utils.get_logger("INFO")
+
+
+class HMTFinetuneRecipeDistributed(FTRecipeInterface):
+    """HMT fine-tuning with FSDP2. See the module docstring."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        validate_finetune_config(cfg)
+        self._device = utils.get_device(device=cfg.device)
+        self._dtype = training.get_dtype(cfg.dtype, device=self._device)
+        self.world_size, self.rank = utils.get_world_size_and_rank()
+        self._is_rank_zero = self.rank == 0
+        self._output_dir = cfg.output_dir
+        self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
+        self._save_every_n_steps = cfg.get("save_every_n_steps")
+        self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False)
+        self._grad_accum = cfg.gradient_accumulation_steps
+        self._clip_grad_norm = cfg.get("clip_grad_norm")
+        self._loss_scope = cfg.get("loss_scope", "last")
+        self._resume = cfg.get("resume_from_checkpoint", False)
+        self._cpu_offload = cfg.get("fsdp_cpu_offload", False)
+        # One seed for every rank: the model and the data order must agree across ranks.
+        self.seed = training.set_seed(seed=cfg.seed)
+        self.total_epochs = cfg.epochs
+        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch")
+        self.global_step = 0
+        self.epoch = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, cfg: DictConfig) -> None:
+        if self._is_rank_zero:
+            self._metric_logger = config.instantiate(cfg.metric_logger)
+            self._metric_logger.log_config(cfg)
+
+        resume_from = self._find_resume_point()
+        recipe_state = ckpt.load_recipe_state(resume_from) if resume_from else None
+        if recipe_state is not None:
+            self.seed = recipe_state["seed"]
+            self.global_step = recipe_state["global_step"]
+            self.epoch = recipe_state["epoch"]
+
+        self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
+        self._writer = ckpt.CheckpointWriter(
+            self._checkpointer, self._output_dir, keep_last_n=cfg.get("keep_last_n_checkpoints")
+        )
+        self._model = self._setup_model(cfg, resume_from)
+        self._tokenizer = config.instantiate(cfg.tokenizer) if cfg.get("tokenizer") else None
+
+        self._optimizer = config.instantiate(
+            cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
+        )
+        documents = build_documents(cfg.dataset, self._tokenizer)
+        self._dataloader = build_dataloader(
+            documents,
+            hmt_config=self._model.config,
+            cfg_windows=cfg.get("windows"),
+            collate_fn=cfg.get("collate_fn", "hmt_plugin.data.segment_collate"),
+            batch_size=cfg.batch_size,
+            shuffle=cfg.shuffle,
+            seed=self.seed,
+            pad_id=pad_id_of(self._tokenizer),
+            world_size=self.world_size,
+            rank=self.rank,
+        )
+        self._steps_per_epoch = len(self._dataloader) // self._grad_accum
+        if self.max_steps_per_epoch is not None:
+            self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
+        if self._steps_per_epoch < 1:
+            raise ValueError(
+                f"one epoch has {len(self._dataloader)} batches per rank, fewer than "
+                f"gradient_accumulation_steps={self._grad_accum}; add data or lower it."
+            )
+        self._lr_scheduler = config.instantiate(
+            cfg.lr_scheduler,
+            self._optimizer,
+            num_training_steps=self.total_epochs * self._steps_per_epoch,
+        ) if cfg.get("lr_scheduler") else None
+        if recipe_state is not None:
+            self._restore(recipe_state)
+        self._profiler = training.DummyProfiler()
+        if cfg.get("profiler") and self._is_rank_zero:
+            self._profiler, _ = config.instantiate(cfg.profiler)
+        self._validation_cfg = cfg.get("validation")
+
+    def _find_resume_point(self) -> Optional[Any]:
+        if not self._resume:
+            return None
+        found = ckpt.latest_checkpoint(self._output_dir)
+        if found is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint=True but {self._output_dir} holds no complete step "
+                "checkpoint; run without it to start fresh."
+            )
+        utils.log_rank_zero(log, f"Resuming from {found}")
+        return found
+
+    def _setup_model(self, cfg: DictConfig, resume_from) -> torch.nn.Module:
+        with training.set_default_dtype(self._dtype), torch.device("meta"):
+            model = config.instantiate(cfg.model)
+        lora = lora_settings(model)
+        if lora is not None and lora["is_dora"]:
+            raise ValueError("DoRA is not supported by the distributed HMT recipe; use LoRA.")
+        self._lora = lora
+        set_trainable(model, lora)
+        if cfg.get("compile", False):
+            training.compile_model(model, verbose=self._is_rank_zero)
+        if cfg.get("enable_activation_checkpointing", False):
+            training.set_activation_checkpointing(
+                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+            )
+        training.shard_model(
+            model=model,
+            shard_conditions=[partial(training.get_shard_conditions, names_to_match=None)],
+            cpu_offload=self._cpu_offload,
+            reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
+        )
+
+        base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        adapter_state = None
+        if resume_from is not None:
+            if lora is None:
+                resumed = config.instantiate(
+                    cfg.checkpointer,
+                    checkpoint_dir=str(resume_from),
+                    checkpoint_files=sorted(p.name for p in resume_from.glob("model-*.safetensors")),
+                    should_load_recipe_state=False,
+                )
+                base_state = resumed.load_checkpoint()[training.MODEL_KEY]
+            else:
+                adapter_state = torch.load(
+                    resume_from / "adapter_model.pt", map_location="cpu", weights_only=True
+                )
+        hmt_source = resume_from if resume_from is not None else cfg.get("hmt_checkpoint")
+        full = initial_state_dict(
+            model, base_state, lora=lora, seed=self.seed, adapter_state=adapter_state,
+            hmt_checkpoint=hmt_source,
+        )
+        training.load_from_full_model_state_dict(
+            model, full, self._device, strict=True, cpu_offload=self._cpu_offload
+        )
+        # RoPE caches are buffers outside the state dict: build them on the real device.
+        with training.set_default_dtype(self._dtype), self._device:
+            for m in model.modules():
+                if hasattr(m, "rope_init"):
+                    m.rope_init()
+        training.validate_no_params_on_meta_device(model)
+        utils.log_rank_zero(
+            log,
+            f"HMT model ({model.config.mode}, {'LoRA' if lora else 'full fine-tune'}, {self._dtype}) "
+            f"sharded over {self.world_size} ranks; {model.config.tokens_per_segment} new tokens "
+            "per segment.",
+        )
+        return model
+
+    def _restore(self, state: Dict[str, Any]) -> None:
+        training.load_from_full_optimizer_state_dict(
+            self._model, self._optimizer, state["optimizer"], self._device
+        )
+        if self._lr_scheduler is not None:
+            self._lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if len(state["dataloader"]) != self.world_size:
+            raise ValueError(
+                f"the checkpoint was written by {len(state['dataloader'])} ranks; resume it with "
+                f"--nproc_per_node {len(state['dataloader'])} (this run has {self.world_size})."
+            )
+        self._dataloader.load_state_dict(state["dataloader"][self.rank])
+        torch.set_rng_state(state["rng"][self.rank])
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, final: bool = False) -> None:
+        full = training.gather_cpu_state_dict(self._model, self._is_rank_zero, device=self._device)
+        recipe_state = None
+        if not final:
+            optimizer = training.get_full_optimizer_state_dict(
+                self._model, self._optimizer, self._is_rank_zero, device=self._device
+            )
+            loaders = [None] * self.world_size
+            rngs = [None] * self.world_size
+            dist.all_gather_object(loaders, self._dataloader.state_dict())
+            dist.all_gather_object(rngs, torch.get_rng_state())
+            recipe_state = {
+                "seed": self.seed,
+                "global_step": self.global_step,
+                "epoch": self.epoch,
+                "optimizer": optimizer,
+                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
+                "dataloader": loaders,
+                "rng": rngs,
+                "world_size": self.world_size,
+            }
+        if self._is_rank_zero:
+            parts = checkpoint_parts(full, self._lora, final=final)
+            name = ckpt.FINAL if final else ckpt.step_dir_name(self.global_step)
+            path = self._writer.save(
+                name,
+                hmt_config=self._model.config,
+                recipe_state=recipe_state,
+                meta={"step": self.global_step, "epoch": self.epoch, "final": final,
+                      "world_size": self.world_size},
+                **parts,
+            )
+            log.info(f"Checkpoint written to {path}")
+        dist.barrier()
+
+    # ------------------------------------------------------------------ training
+    def _loss_step(self, batch: Dict[str, torch.Tensor]):
+        seq_lens = batch["seq_lens"].tolist()
+        tokens = batch["tokens"].to(self._device)
+        labels = batch["labels"].to(self._device)
+        out = self._model(
+            tokens, seq_lens=seq_lens, labels=labels, logits="none", loss_scope=self._loss_scope
+        )
+        return segment_loss(
+            out.nll, labels, seq_lens, self._model.config.tokens_per_segment, self._loss_scope
+        )
+
+    def train(self) -> None:
+        self._model.train()
+        with self._profiler as profiler:
+            self._train_epochs(profiler)
+        self.save_checkpoint(final=True)
+        if self._validation_cfg:
+            # Every rank holds a shard of the model, so all ranks read the validation set in
+            # lock step; rank 0 reports.
+            run_validation(self._model, self._validation_cfg, self._tokenizer,
+                           self._metric_logger if self._is_rank_zero else None,
+                           self._device, self._output_dir, step=self.global_step)
+
+    def _train_epochs(self, profiler) -> None:
+        sums = LossAccumulator()
+        t0 = time.perf_counter()
+        steps_done_in_epoch = self.global_step - self.epoch * self._steps_per_epoch
+        while self.epoch < self.total_epochs:
+            self._dataloader.sampler.set_epoch(self.epoch)
+            self._dataloader.dataset.set_epoch(self.epoch)
+            pbar = tqdm(total=self._steps_per_epoch, initial=steps_done_in_epoch,
+                        disable=not self._is_rank_zero or None)
+            for idx, batch in enumerate(self._dataloader):
+                if steps_done_in_epoch >= self._steps_per_epoch:
+                    break
+                loss = self._loss_step(batch)
+                loss.loss_sum.backward()
+                sums.add(loss)
+                if (idx + 1) % self._grad_accum != 0:
+                    continue
+                metrics = self._optimizer_step(sums, time.perf_counter() - t0)
+                steps_done_in_epoch += 1
+                pbar.update(1)
+                pbar.set_description(f"{self.epoch + 1}|{self.global_step}|loss {metrics['loss']:.4f}")
+                if self._is_rank_zero and self.global_step % self._log_every_n_steps == 0:
+                    self._metric_logger.log_dict(metrics, step=self.global_step)
+                profiler.step()
+                if self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
+                    self.save_checkpoint()
+                sums = LossAccumulator()
+                t0 = time.perf_counter()
+            pbar.close()
+            self._optimizer.zero_grad(set_to_none=True)
+            sums = LossAccumulator()
+            self.epoch += 1
+            steps_done_in_epoch = 0
+
+    def _optimizer_step(self, sums: LossAccumulator, elapsed: float) -> Dict[str, float]:
+        sums.all_reduce()
+        metrics = sums.metrics(elapsed, self.world_size)
+        if not math.isfinite(metrics["loss"]):
+            latest = ckpt.latest_checkpoint(self._output_dir)
+            raise FloatingPointError(
+                f"the loss is {metrics['loss']} at step {self.global_step + 1}; stopping before "
+                f"the optimizer step. The last good checkpoint is {latest or 'none yet'}. Lower "
+                "the learning rate, enable clip_grad_norm, or use dtype=fp32."
+            )
+        # FSDP averages gradients over ranks; the loss is a sum over all ranks' targets.
+        training.scale_grads(self._model, self.world_size / sums.num_tokens)
+        if self._clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self._model.parameters(), max_norm=float(self._clip_grad_norm)
+            )
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
+            metrics["grad_norm"] = float(grad_norm)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        if self._lr_scheduler is not None:
+            self._lr_scheduler.step()
+        self.global_step += 1
+        metrics["lr"] = self._optimizer.param_groups[0]["lr"]
+        if self._device.type == "cuda" and self._log_peak_memory_stats:
+            metrics.update(training.get_memory_stats(device=self._device))
+        return metrics
+
+    def cleanup(self) -> None:
+        if self._is_rank_zero:
+            self._metric_logger.close()
+        dist.destroy_process_group()
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    if not training.is_distributed():
+        raise RuntimeError(
+            "hmt_finetune_distributed runs under torchrun: `hmt-tune run --nproc_per_node N "
+            "hmt_finetune_distributed --config ...` (use hmt_finetune_single_device for one device)."
+        )
+    backend = training.get_distributed_backend(
+        cfg.device, offload_ops_to_cpu=cfg.get("fsdp_cpu_offload", False)
+    )
+    # A bounded timeout: when a rank dies, the others fail with an error instead of hanging.
+    timeout = timedelta(seconds=cfg.get("distributed_timeout_s", 600))
+    dist.init_process_group(backend=backend, timeout=timeout)
+    config.log_config(recipe_name="HMTFinetuneRecipeDistributed", cfg=cfg)
+    recipe = HMTFinetuneRecipeDistributed(cfg=cfg)
+    recipe.setup(cfg=cfg)
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
