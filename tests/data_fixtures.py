@@ -1,6 +1,6 @@
 """Assets for the data-pipeline tests, built from text the tests write themselves: a
-SentencePiece model in the Llama 2 layout (unk 0, bos 1, eos 2, pad -1), byte-level tiktoken
-and Qwen2 tokenizers, and Project Gutenberg-style books."""
+SentencePiece model in the Llama 2 layout (unk 0, bos 1, eos 2, pad -1), byte-level Llama 3
+(tiktoken) and Qwen2 tokenizers, and Project Gutenberg-style books."""
 
 import base64
 import json
@@ -75,19 +75,13 @@ def other_spm_tokenizer(tmp_path_factory):
 
 
 def byte_tiktoken_tokenizer(directory: Path):
-    """torchtune's tiktoken tokenizer over the 256 single bytes, BOS 256 / EOS 257."""
-    from torchtune.modules.transforms.tokenizers import TikTokenBaseTokenizer
+    """torchtune's Llama 3 (tiktoken) tokenizer over a ranks file of the 256 single bytes;
+    its special tokens keep their Llama 3 ids (BOS 128000, EOS 128001)."""
+    from torchtune.models.llama3 import llama3_tokenizer
 
     path = directory / "bytes.tiktoken"
     path.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
-    return TikTokenBaseTokenizer(
-        str(path),
-        name="bytes",
-        pattern=r"[^\s]+|\s+",
-        bos_id=256,
-        eos_id=257,
-        special_tokens={"<bos>": 256, "<eos>": 257},
-    )
+    return llama3_tokenizer(str(path))
 
 
 def byte_qwen2_tokenizer(directory: Path):
