@@ -186,11 +186,7 @@ def synthetic_recall_dataset(
         raise ValueError(f"needle_position={needle_position!r}: use 'random' or 'start'.")
     use_tokens = tokenizer is None if token_level is None else token_level
     if use_tokens:
-        size = (
-            vocab_size
-            if vocab_size is not None
-            else vocab_size_of(tokenizer) if tokenizer is not None else None
-        )
+        size = vocab_size if vocab_size is not None else vocab_size_of(tokenizer)
         if size is None:
             raise ValueError("token-level recall data needs vocab_size= (no tokenizer given).")
         render: Any = _TokenLevel(size, filler_period, num_symbols)
