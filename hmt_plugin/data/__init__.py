@@ -3,7 +3,24 @@ batched for segment recurrence.
 
 Builders (tokenizer first, usable as ``_component_``) return :class:`TokenizedDocuments`;
 :class:`SegmentWindows` turns them into training or evaluation windows; :func:`segment_collate`
-batches those as ``tokens/labels/mask/seq_lens``.
+batches those as ``tokens/labels/mask/seq_lens``::
+
+    docs = long_text_dataset(tokenizer, "/data/books", strip_gutenberg=True)
+    L = model.config.tokens_per_segment
+    train = SegmentWindows(docs, tokens_per_segment=L, segments_per_window=model.config.bptt_depth,
+                           random_offset=True, seed=0)
+    loader = DataLoader(train, batch_size=8, shuffle=True,
+                        collate_fn=partial(segment_collate, tokens_per_segment=L,
+                                           pad_id=tokenizer.pad_id))
+    for epoch in range(epochs):
+        train.set_epoch(epoch)
+        for batch in loader:
+            out = model(batch["tokens"], mask=batch["mask"], labels=batch["labels"])
+
+For the recall demo without a tokenizer::
+
+    recall = synthetic_recall_dataset(num_documents=4000, tokens_per_segment=L,
+                                      distance_segments=[1, 2], vocab_size=256, seed=0)
 """
 
 from hmt_plugin.data.cache import CACHE_ENV, default_cache_dir
