@@ -82,7 +82,7 @@ def _resolve_config_names(argv: List[str]) -> List[str]:
 
 
 def _validate_ours(argv: List[str]) -> None:
-    """After torchtune's checks, ours: unknown keys, misspelled component arguments."""
+    """Our checks: unknown keys, misspelled component arguments, values out of range."""
     from omegaconf import OmegaConf
 
     from hmt_plugin.training.run_config import validate_config_file
@@ -99,13 +99,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return convert_main(argv[1:])
     register()
     argv = _resolve_config_names(argv)
+    if argv and argv[0] == "validate" and len(argv) >= 2:
+        # Ours first: they name the misspelled key and suggest the right one.
+        _validate_ours(argv)
+        print("HMT checks passed.")
     from torchtune._cli.tune import main as tune_main
 
     sys.argv = ["tune", *argv]
     tune_main()
-    if argv and argv[0] == "validate" and len(argv) >= 2:
-        _validate_ours(argv)
-        print("HMT checks passed.")
     return 0
 
 

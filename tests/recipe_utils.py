@@ -124,3 +124,22 @@ def read_metrics(log_dir: Path) -> Dict[int, Dict[str, float]]:
                     pass
             steps[int(match.group(1))] = values
     return steps
+
+
+def run_in_process(recipe: str, cfg) -> None:
+    """Run a recipe's class in this process (what ``recipe_main`` does, without re-importing
+    torch and torchtune in a new interpreter: seconds per run on 2 cores)."""
+    import importlib
+
+    from omegaconf import DictConfig
+
+    module = importlib.import_module(f"hmt_plugin.recipes.{recipe}")
+    cls = next(
+        v for k, v in vars(module).items()
+        if isinstance(v, type) and k.startswith("HMT") and k.endswith(("SingleDevice", "Distributed"))
+    )
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    instance = cls(cfg=cfg)
+    instance.setup(cfg=cfg)
+    instance.train()
+    instance.cleanup()

@@ -20,6 +20,7 @@ from tests.recipe_utils import (
     lora_config,
     make_assets,
     read_metrics,
+    run_in_process,
     run_recipe,
     write_config,
 )
@@ -75,10 +76,8 @@ def test_intermediate_save_does_not_change_live_weights(assets, tmp_path):
     """torchtune 0.6.1's LoRA recipe merges adapters into the live weights when it saves on
     CPU; here saving every step must give the same losses as never saving."""
     a, b = tmp_path / "a", tmp_path / "b"
-    run_recipe("hmt_finetune_single_device", write_config(
-        lora_config(assets, a, save_every_n_steps=1), tmp_path / "a.yaml"))
-    run_recipe("hmt_finetune_single_device", write_config(
-        lora_config(assets, b, save_every_n_steps=None), tmp_path / "b.yaml"))
+    run_in_process("hmt_finetune_single_device", lora_config(assets, a, save_every_n_steps=1))
+    run_in_process("hmt_finetune_single_device", lora_config(assets, b, save_every_n_steps=None))
     la, lb = read_metrics(a / "logs"), read_metrics(b / "logs")
     assert [la[s]["loss"] for s in sorted(la)] == [lb[s]["loss"] for s in sorted(lb)]
 
@@ -104,7 +103,7 @@ def test_sigkill_then_resume_equals_uninterrupted(assets, tmp_path, kind):
         return demo_config(out, max_steps_per_epoch=6, **kw)
 
     whole = tmp_path / "whole"
-    run_recipe("hmt_finetune_single_device", write_config(config(whole), tmp_path / "w.yaml"))
+    run_in_process("hmt_finetune_single_device", config(whole))
 
     broken = tmp_path / "broken"
     cfg = write_config(config(broken), tmp_path / "b.yaml")
@@ -115,7 +114,7 @@ def test_sigkill_then_resume_equals_uninterrupted(assets, tmp_path, kind):
     )
     _kill_when(proc, broken / "step_0000002" / COMPLETE_MARKER)
     assert not (broken / "final").exists()
-    run_recipe("hmt_finetune_single_device", cfg, "resume_from_checkpoint=True")
+    run_in_process("hmt_finetune_single_device", config(broken, resume_from_checkpoint=True))
 
     expected, got = read_metrics(whole / "logs"), read_metrics(broken / "logs")
     assert sorted(got) == sorted(expected) == list(range(1, 7))
@@ -131,8 +130,7 @@ def test_sigkill_then_resume_equals_uninterrupted(assets, tmp_path, kind):
 
 def test_two_stage_training(assets, tmp_path):
     stage1 = tmp_path / "stage1"
-    run_recipe("hmt_finetune_single_device", write_config(
-        lora_config(assets, stage1, **{"model.mode": "hmt_stage1"}), tmp_path / "s1.yaml"))
+    run_in_process("hmt_finetune_single_device", lora_config(assets, stage1, **{"model.mode": "hmt_stage1"}))
     s1_state, s1_cfg, _ = load_hmt_checkpoint(stage1 / "final")
     assert s1_cfg.mode == "hmt_stage1" and set(s1_state) == {"initial_memory"}
 
@@ -144,7 +142,7 @@ def test_two_stage_training(assets, tmp_path):
            "hmt_checkpoint": str(stage1 / "final"), "optimizer.lr": 0.0,
            "max_steps_per_epoch": 1},
     )
-    run_recipe("hmt_finetune_single_device", write_config(cfg2, tmp_path / "s2.yaml"))
+    run_in_process("hmt_finetune_single_device", cfg2)
     s2_state, s2_cfg, _ = load_hmt_checkpoint(stage2 / "final")
     assert s2_cfg.mode == "hmt" and "recall.q_proj.weight" in s2_state
     # lr 0: stage 2 holds exactly what it started from, stage 1's memory and backbone.
@@ -153,10 +151,8 @@ def test_two_stage_training(assets, tmp_path):
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
     missing = lora_config(assets, tmp_path / "bad", hmt_checkpoint=str(tmp_path / "nope"))
-    proc = run_recipe("hmt_finetune_single_device", write_config(missing, tmp_path / "bad.yaml"),
-                      check=False)
-    assert proc.returncode != 0
-    assert "hmt_checkpoint=" in proc.stderr and "nope" in proc.stderr
+    with pytest.raises(FileNotFoundError, match="hmt_checkpoint=.*nope"):
+        run_in_process("hmt_finetune_single_device", missing)
 
 
 @pytest.mark.distributed
@@ -169,7 +165,7 @@ def test_two_process_fsdp_matches_single_device(assets, tmp_path, kind):
         return demo_config(out, batch_size=batch, max_steps_per_epoch=3, save_every_n_steps=None)
 
     single, dist = tmp_path / "single", tmp_path / "dist"
-    run_recipe("hmt_finetune_single_device", write_config(config(single, 4), tmp_path / "s.yaml"))
+    run_in_process("hmt_finetune_single_device", config(single, 4))
     run_recipe("hmt_finetune_distributed", write_config(config(dist, 2), tmp_path / "d.yaml"), nproc=2)
     ls, ld = read_metrics(single / "logs"), read_metrics(dist / "logs")
     assert sorted(ls) == sorted(ld) == [1, 2, 3]

@@ -15,8 +15,11 @@ FINETUNE_KEYS = {
     "gradient_accumulation_steps", "clip_grad_norm", "compile", "enable_activation_checkpointing",
     "metric_logger", "log_every_n_steps", "log_peak_memory_stats", "save_every_n_steps",
     "keep_last_n_checkpoints", "profiler", "validation", "fsdp_cpu_offload",
-    "fsdp_reshard_after_forward", "distributed_timeout_s", "backbone_dir",
+    "fsdp_reshard_after_forward", "distributed_timeout_s",
 }
+# Top-level keys ending in `_dir` are path variables for `${...}` interpolation
+# (model_dir, backbone_dir, stage1_dir, ...).
+PATH_VARIABLE_SUFFIX = "_dir"
 FINETUNE_REQUIRED = {
     "output_dir", "model", "checkpointer", "dataset", "optimizer", "batch_size", "epochs",
     "gradient_accumulation_steps", "metric_logger", "device", "dtype", "seed",
@@ -33,9 +36,11 @@ def _suggest(key: str, known: Iterable[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
-def check_keys(node: Any, known: Iterable[str], where: str) -> None:
+def check_keys(node: Any, known: Iterable[str], where: str, path_variables: bool = False) -> None:
     known = set(known)
     for key in node.keys():
+        if path_variables and str(key).endswith(PATH_VARIABLE_SUFFIX):
+            continue
         if key not in known:
             raise ConfigError(
                 f"unknown config key {where}{key!r}.{_suggest(key, known)} Known keys: "
@@ -83,7 +88,7 @@ def check_component_args(node: Any, where: str) -> None:
 
 def validate_finetune_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first problem found in a fine-tuning config."""
-    check_keys(cfg, FINETUNE_KEYS, "")
+    check_keys(cfg, FINETUNE_KEYS, "", path_variables=True)
     missing = sorted(k for k in FINETUNE_REQUIRED if cfg.get(k) is None)
     if missing:
         raise ConfigError(
