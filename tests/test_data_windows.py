@@ -116,8 +116,9 @@ def test_concatenated_documents_let_windows_cross_boundaries():
 
 def test_bad_arguments():
     docs = _docs([10])
-    with pytest.raises(ValueError, match="segments_per_window"):
-        SegmentWindows(docs, tokens_per_segment=4, stride=2)
+    # training-only settings are ignored (with a warning) in evaluation mode
+    ignored = SegmentWindows(docs, tokens_per_segment=4, stride=2, random_offset=True)
+    assert [ignored.window(i) for i in range(len(ignored))] == [(0, 0, 10)]
     with pytest.raises(ValueError, match="tokens_per_segment"):
         SegmentWindows(docs, tokens_per_segment=0)
     with pytest.raises(IndexError):

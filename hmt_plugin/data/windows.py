@@ -1,12 +1,15 @@
 """Windows over tokenized documents: whole documents for evaluation, runs of
 ``segments_per_window`` segments for training (HMT's truncated-BPTT unit)."""
 
+import logging
 from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 from torch.utils.data import Dataset
 
 from hmt_plugin.data.documents import TokenizedDocuments
+
+log = logging.getLogger(__name__)
 
 # A window needs two tokens for one next-token target.
 MIN_WINDOW_TOKENS = 2
@@ -62,8 +65,9 @@ class SegmentWindows(Dataset):
         tokens_per_segment (int): new tokens per HMT segment (``model.config.tokens_per_segment``).
         segments_per_window (Optional[int]): segments per training window (e.g. the BPTT
             depth); None for evaluation.
-        stride (Optional[int]): tokens between window starts; default the window length.
-        random_offset (bool): shift each document's window grid per epoch.
+        stride (Optional[int]): tokens between window starts; default the window length
+            (training only: evaluation ignores it, with a warning).
+        random_offset (bool): shift each document's window grid per epoch (training only).
         max_tokens (Optional[int]): read only the first ``max_tokens`` tokens of each document.
         seed (int): seed of the offsets.
     """
@@ -92,10 +96,14 @@ class SegmentWindows(Dataset):
             ):
                 raise ValueError(f"{name}={value!r} must be a positive integer.")
         if segments_per_window is None and (stride is not None or random_offset):
-            raise ValueError(
-                "stride and random_offset apply to training windows; set segments_per_window "
-                "(evaluation mode reads whole documents)."
+            # A windows config shared by training and evaluation should still work.
+            log.warning(
+                "SegmentWindows: stride=%s / random_offset=%s are ignored in evaluation mode "
+                "(segments_per_window=None reads whole documents).",
+                stride,
+                random_offset,
             )
+            stride, random_offset = None, False
         self.documents = documents
         self.tokens_per_segment = tokens_per_segment
         self.segments_per_window = segments_per_window
