@@ -1,0 +1,86 @@
+"""PNG plots of an evaluation: PPL against context length, recall-distance histogram."""
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from hmt_plugin.eval.long_context import LongContextResult
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display is needed or wanted
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ppl_vs_context(results: Sequence[LongContextResult], path: Path) -> Optional[Path]:
+    """One line per run: last-segment PPL (log scale) against T (log scale), with peak memory
+    against T below it. Returns the path, or None when nothing was scored."""
+    scored = [r for r in results if any(s.tokens for s in r.context)]
+    if not scored:
+        return None
+    plt = _pyplot()
+    has_memory = any(s.peak_memory_mb is not None for r in scored for s in r.context)
+    rows = 2 if has_memory else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(6.4, 3.6 * rows), squeeze=False)
+    ax = axes[0][0]
+    for r in scored:
+        points = [(s.context_length, s.ppl) for s in r.context if s.tokens]
+        ax.plot(*zip(*points), marker="o", label=r.label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("context length T (tokens)")
+    ax.set_ylabel("PPL of the last segment")
+    ax.set_title("Perplexity after T tokens of context")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    if has_memory:
+        ax = axes[1][0]
+        for r in scored:
+            points = [(s.context_length, s.peak_memory_mb) for s in r.context if s.peak_memory_mb is not None]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=r.label)
+        ax.set_xscale("log")
+        ax.set_xlabel("context length T (tokens)")
+        ax.set_ylabel(f"peak memory (MB, {scored[0].memory_probe})")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_recall_distance(results: Sequence[LongContextResult], path: Path) -> Optional[Path]:
+    """Histogram of how many segments back each segment's strongest recall looks (the
+    paper's Figure 11), one series per ``hmt`` run. Returns the path, or None without any
+    recall."""
+    with_recall = [r for r in results if r.recall_distance]
+    if not with_recall:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    width = 0.8 / len(with_recall)
+    for i, r in enumerate(with_recall):
+        total = sum(r.recall_distance.values())
+        xs = sorted(r.recall_distance)
+        ax.bar(
+            [x + (i - (len(with_recall) - 1) / 2) * width for x in xs],
+            [r.recall_distance[x] / total for x in xs],
+            width=width,
+            label=f"{r.label} ({total} segments)",
+        )
+    ax.set_xlabel("segments back of the strongest recall")
+    ax.set_ylabel("fraction of segments")
+    ax.set_title("Recall distance")
+    ax.legend()
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
