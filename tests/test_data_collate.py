@@ -106,3 +106,13 @@ def test_batch_invariance_on_hmt_tiny():
     assert alone.nll[0, 1:n].abs().sum() > 0
     out = run([longer, target])
     assert not torch.allclose(out.nll[0, :n], alone.nll[0, :n])
+
+
+def test_min_segments_pads_short_batches_to_the_window_width():
+    from hmt_plugin.data import segment_collate
+
+    batch = [{"tokens": np.arange(5)}, {"tokens": np.arange(3)}]
+    out = segment_collate(batch, tokens_per_segment=4, min_segments=3)
+    assert out["tokens"].shape == (2, 12)
+    assert out["seq_lens"].tolist() == [5, 3]
+    assert not out["mask"][:, 5:].any()

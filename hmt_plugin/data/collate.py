@@ -14,6 +14,7 @@ def segment_collate(
     pad_id: int = 0,
     ignore_idx: int = CROSS_ENTROPY_IGNORE_IDX,
     extra_keys: Sequence[str] = (),
+    min_segments: int = 1,
 ) -> Dict[str, torch.Tensor]:
     """Right-pad documents of any length to a whole number of segments.
 
@@ -31,6 +32,11 @@ def segment_collate(
     * one LongTensor ``[B]`` per name in ``extra_keys`` (per-item integers such as
       ``"distance"``, ``"doc_id"``, ``"start"``).
 
+    ``min_segments`` pads every batch to at least that many segments. Training recipes set it
+    to the window's segment count: under FSDP every rank must call the backbone the same
+    number of times per step, so a batch made only of short end-of-document windows must not
+    be narrower than its neighbours on other ranks (and fixed shapes suit ``torch.compile``).
+
     Padding a row never changes the row's results: HMT reads each row's own length.
     """
     if not isinstance(tokens_per_segment, int) or tokens_per_segment < 1:
@@ -39,7 +45,7 @@ def segment_collate(
         raise ValueError("segment_collate got an empty batch.")
     seqs = [np.asarray(item["tokens"]).reshape(-1) for item in batch]
     lengths = np.array([s.size for s in seqs], dtype=np.int64)
-    segments = max(1, -(-int(lengths.max()) // tokens_per_segment))
+    segments = max(1, min_segments, -(-int(lengths.max()) // tokens_per_segment))
     width = segments * tokens_per_segment
     fill = 0 if pad_id is None or pad_id < 0 else int(pad_id)
 

@@ -56,8 +56,8 @@ def build_dataloader(
     from hmt_plugin.data import SegmentWindows
 
     windows_args = OmegaConf.to_container(cfg_windows, resolve=True) if cfg_windows else {}
-    if training:
-        windows_args.setdefault("segments_per_window", hmt_config.bptt_depth)
+    if training and windows_args.get("segments_per_window") is None:
+        windows_args["segments_per_window"] = hmt_config.bptt_depth
     windows = SegmentWindows(
         documents, tokens_per_segment=hmt_config.tokens_per_segment, seed=seed, **windows_args
     )
@@ -69,11 +69,11 @@ def build_dataloader(
     sampler = StatefulDistributedSampler(
         windows, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
     )
-    collate = partial(
-        _get_component_from_path(collate_fn),
-        tokens_per_segment=hmt_config.tokens_per_segment,
-        pad_id=pad_id,
-    )
+    collate_kwargs = {"tokens_per_segment": hmt_config.tokens_per_segment, "pad_id": pad_id}
+    if training:
+        # Equal widths on every rank: FSDP needs the same number of backbone calls per step.
+        collate_kwargs["min_segments"] = windows_args["segments_per_window"]
+    collate = partial(_get_component_from_path(collate_fn), **collate_kwargs)
     return StatefulDataLoader(
         windows,
         batch_size=batch_size,
