@@ -50,6 +50,7 @@ from hmt_plugin.checkpointing.peft_keys import (
 )
 from hmt_plugin.checkpointing.published import (
     PUBLISHED_BACKBONE_PREFIX,
+    PUBLISHED_DEFAULTS,
     PUBLISHED_HPARAMS,
     PUBLISHED_KEYS,
     PUBLISHED_UNUSED_PREFIXES,
@@ -77,15 +78,6 @@ HF_CONFIG = "config.json"
 META_WEIGHTS = "consolidated.00.pth"
 META_PARAMS = "params.json"
 
-# The published main.py's defaults, used for settings a hyperparameter file does not give
-# (ours differ: e.g. its num_sensory defaults to 0, ours to 32).
-PUBLISHED_DEFAULTS: Dict[str, Any] = {
-    "segment_length": 256,
-    "num_sensory": 0,
-    "mem_recall_context": 100,
-    "bptt_depth": 2,
-    "memory_size": 1,
-}
 PUBLISHED_FLAGS = ("hmt_stage_1", "rmt_only", "baseline_only")
 OURS_TO_PUBLISHED = {ours: theirs for theirs, ours in PUBLISHED_KEYS.items()}
 RECALL_NAMES = ("summary_token", "recall.q_proj.weight", "recall.k_proj.weight")

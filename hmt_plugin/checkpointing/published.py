@@ -18,6 +18,16 @@ PUBLISHED_HPARAMS: Dict[str, str] = {
     "bptt_depth": "bptt_depth",
 }
 
+# The published main.py's defaults for settings a run does not give (ours differ: its
+# num_sensory defaults to 0, ours to 32, as in the paper).
+PUBLISHED_DEFAULTS: Dict[str, Any] = {
+    "segment_length": 256,
+    "num_sensory": 0,
+    "mem_recall_context": 100,
+    "bptt_depth": 2,
+    "memory_size": 1,
+}
+
 # Published state-dict key -> our parameter name (the backbone lives under
 # ``memory_cell.model.`` there and under ``backbone.`` here, in torchtune's key format).
 PUBLISHED_KEYS: Dict[str, str] = {
@@ -45,12 +55,14 @@ def published_mode(args: Mapping[str, Any]) -> str:
 
 def hmt_config_from_published(args: Mapping[str, Any], **overrides: Any) -> HMTConfig:
     """An :class:`HMTConfig` from the published code's argument names (e.g. a reference
-    case's ``case.json``, or its command line as a dict). Unknown names are ignored; the
-    score scale is the published one (``1/d_h`` when d and d_h are both >= 4096)."""
+    case's ``case.json``, or its command line as a dict). Settings it does not give take the
+    published code's defaults (``PUBLISHED_DEFAULTS``); unknown names are ignored; the score
+    scale is the published one (``1/d_h`` when d and d_h are both >= 4096)."""
     values: Dict[str, Any] = {"mode": published_mode(args), "score_scale": "published"}
+    given = {**PUBLISHED_DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
     for theirs, ours in PUBLISHED_HPARAMS.items():
-        if args.get(theirs) is not None:
-            values[ours] = args[theirs]
+        if given.get(theirs) is not None:
+            values[ours] = given[theirs]
     values.update(overrides)
     return HMTConfig(**values)
 
