@@ -43,8 +43,10 @@ class ContextLengthScore:
         skipped: documents shorter than T.
         tokens: targets scored (last segments).
         nll / ppl: mean NLL over them and its exp.
-        peak_memory_mb: peak memory while reading up to T and scoring it (largest over the
-            batches; see :mod:`hmt_plugin.eval.memory` for what the probe counts).
+        peak_memory_mb: peak memory while reading the first T tokens and scoring them
+            (largest over the batches; see :mod:`hmt_plugin.eval.memory` for what the probe
+            counts). It grows until T spans one call of ``chunk_segments`` segments, then
+            stays flat (the memory cache adds ``cache_size`` vectors at most).
     """
 
     context_length: int
@@ -101,10 +103,10 @@ class LongContextResult:
         return out
 
 
-def check_context_lengths(context_lengths: Sequence[int]) -> List[int]:
+def check_context_lengths(context_lengths: Sequence[int], allow_empty: bool = False) -> List[int]:
     """Sorted unique context lengths; ``ValueError`` naming the field for bad values."""
     values = list(context_lengths or [])
-    if not values:
+    if not values and not allow_empty:
         raise ValueError("context_lengths is empty; give e.g. [2000, 10000, 30000].")
     for t in values:
         if not isinstance(t, int) or isinstance(t, bool) or t < 2:
@@ -172,7 +174,8 @@ def evaluate_long_context(
         model (HMT): the model.
         documents: :class:`~hmt_plugin.data.TokenizedDocuments` or token sequences. Documents
             with labels (synthetic tasks) are scored on their labels.
-        context_lengths: the T values (the paper: 2000, 10000, 30000, 60000, 100000).
+        context_lengths: the T values (the paper: 2000, 10000, 30000, 60000, 100000); may be
+            empty with ``document_ppl``.
         mode (Optional[str]): read in this mode (default: the model's); restored afterwards.
         label (Optional[str]): name of the result (default: the mode).
         batch_size (int): documents read side by side.
@@ -190,7 +193,7 @@ def evaluate_long_context(
     Raises:
         ValueError: bad context lengths, or one larger than every document (named).
     """
-    ts = check_context_lengths(context_lengths)
+    ts = check_context_lengths(context_lengths, allow_empty=document_ppl)
     for name, value in (("batch_size", batch_size), ("chunk_segments", chunk_segments)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive integer.")
@@ -262,12 +265,14 @@ class _Scorer:
         self._state = None
         self._pos = 0
 
+        so_far = None  # peak since the start of the batch: what reading the first T tokens needs
         for t in sorted({t for r in row_ts for t in r}):
             boundary = ((t - 1) // self.block) * self.block
             with self.probe.measure() as reading:
                 self._advance(boundary)
                 self._score_last_segment(t, boundary, [t in r for r in row_ts])
-            self.peak[t] = _max(self.peak[t], reading.peak_bytes)
+            so_far = _max(so_far, reading.peak_bytes)
+            self.peak[t] = _max(self.peak[t], so_far)
         if self.document_ppl:
             with self.probe.measure() as reading:
                 self._advance(width)

@@ -1,0 +1,109 @@
+"""Build an HMT model for evaluation or generation from a config node: the backbone through
+torchtune's checkpointer, the HMT parameters from our checkpoint files (or fresh)."""
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig
+from torchtune import config, training, utils
+
+from hmt_plugin.checkpointing.hmt_files import HMT_CONFIG, load_hmt_checkpoint
+from hmt_plugin.modules.hmt import HMT
+from hmt_plugin.training.model_setup import initial_state_dict, load_initial_state, lora_settings
+from hmt_plugin.training.run_config import ConfigError
+
+log = utils.get_logger("INFO")
+
+# Settings that change what a checkpoint's weights mean: a model read with other values
+# computes something the checkpoint was not trained for.
+_MUST_MATCH = ("segment_length", "num_memory_tokens", "num_sensory", "sum_fraction", "recall_hidden_dim", "score_scale")
+
+
+def load_hmt_model(
+    model_cfg: DictConfig,
+    checkpointer_cfg: DictConfig,
+    hmt_checkpoint: Optional[str],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    where: str = "",
+) -> HMT:
+    """Instantiate ``model_cfg``, load the backbone with ``checkpointer_cfg`` and the HMT
+    parameters from ``hmt_checkpoint`` (None: freshly drawn, as at the start of training).
+    Returns the model in eval mode.
+
+    Raises:
+        ConfigError: a missing checkpoint directory, or HMT settings that differ from the
+            ones the checkpoint was trained with (naming the setting and the fix).
+    """
+    if model_cfg is None or checkpointer_cfg is None:
+        raise ConfigError(f"{where}`model` and `checkpointer` are required to build the model.")
+    directory = checkpointer_cfg.get("checkpoint_dir")
+    component = str(checkpointer_cfg.get("_component_", ""))
+    if directory is not None and not Path(directory).is_dir() and not component.endswith("tiny_llama_checkpointer"):
+        raise ConfigError(
+            f"{where}checkpointer.checkpoint_dir={directory!r} does not exist. Point it at the "
+            "backbone's checkpoint directory (a downloaded model, or a training run's "
+            "`final` / `step_*` directory)."
+        )
+    if hmt_checkpoint is not None and not Path(hmt_checkpoint).is_dir():
+        raise ConfigError(
+            f"{where}hmt_checkpoint={str(hmt_checkpoint)!r} does not exist. Point it at a training "
+            "run's `final` (or `step_*`) directory, or set it to null to read with freshly "
+            "initialised HMT parameters."
+        )
+    with training.set_default_dtype(dtype), device:
+        model = config.instantiate(model_cfg)
+    if not isinstance(model, HMT):
+        raise ConfigError(f"{where}model must build an HMT model (hmt_plugin.models.*); got {type(model).__name__}.")
+    if hmt_checkpoint is not None:
+        _check_settings(model, Path(hmt_checkpoint), where)
+    checkpointer = config.instantiate(checkpointer_cfg)
+    base = checkpointer.load_checkpoint()[training.MODEL_KEY]
+    lora = lora_settings(model)
+    full = initial_state_dict(model, base, lora=lora, seed=seed, hmt_checkpoint=hmt_checkpoint)
+    load_initial_state(model, full, lora)
+    if hmt_checkpoint is None and model.config.uses_memory:
+        log.warning(
+            f"{where}hmt_checkpoint is null: the HMT parameters are freshly initialised, so the "
+            "memory modes read with untrained memory."
+        )
+    return model.eval()
+
+
+def _check_settings(model: HMT, directory: Path, where: str) -> None:
+    if not (directory / HMT_CONFIG).is_file():
+        return  # load_hmt_checkpoint names the missing file
+    _, saved, _ = load_hmt_checkpoint(directory)
+    ours = model.config
+    for name in _MUST_MATCH:
+        mine, theirs = getattr(ours, name), getattr(saved, name)
+        if name == "recall_hidden_dim":
+            dim = model.backbone.tok_embeddings.embedding_dim
+            mine, theirs = mine or dim, theirs or dim
+        if mine != theirs:
+            raise ConfigError(
+                f"{where}model.{name}={mine!r} but the checkpoint {directory} was trained with "
+                f"{name}={theirs!r}; set model.{name}: {theirs!r} (the weights only make sense "
+                "with the settings they were trained with)."
+            )
+    for field in dataclasses.fields(ours):
+        if field.name not in _MUST_MATCH + ("mode",) and getattr(ours, field.name) != getattr(saved, field.name):
+            log.info(
+                f"{where}model.{field.name}={getattr(ours, field.name)!r} (trained with "
+                f"{getattr(saved, field.name)!r})."
+            )
+
+
+def describe(model: HMT, mode: Optional[str] = None) -> str:
+    """One line about the model (read in ``mode``), for logs."""
+    cfg = model.config.with_mode(mode) if mode else model.config
+    n = sum(p.numel() for p in model.parameters())
+    return (
+        f"HMT ({cfg.mode}): {n:,} parameters, segment_length {cfg.segment_length}, "
+        f"{cfg.tokens_per_segment} new tokens per segment, {cfg.sensory_tokens_used} sensory, "
+        f"memory cache {cfg.cache_size}"
+    )
