@@ -4,6 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torchtune.models.gemma import gemma
+from torchtune.models.gemma2 import gemma2
+from torchtune.models.llama3_1 import llama3_1
+from torchtune.models.llama3_2 import lora_llama3_2
+from torchtune.models.qwen2 import lora_qwen2
 from torchtune.models.llama2 import llama2
 from torchtune.models.llama3_2 import llama3_2
 from torchtune.models.mistral import mistral
@@ -38,6 +42,10 @@ BACKBONES = {
     "mistral": lambda: mistral(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=128, intermediate_dim=96),
     "gemma": lambda: gemma(vocab_size=256, num_layers=2, num_heads=4, head_dim=16, num_kv_heads=1, embed_dim=64, max_seq_len=128, intermediate_dim=96),
     "phi3": lambda: phi3(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=4, embed_dim=64, max_seq_len=128, intermediate_dim=96),
+    "llama3_1_scaled_rope": lambda: llama3_1(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=128, intermediate_dim=96),
+    "gemma2": lambda: gemma2(vocab_size=256, num_layers=2, num_heads=4, head_dim=16, num_kv_heads=2, embed_dim=64, max_seq_len=128, intermediate_dim=96, sliding_window_size=16),
+    "lora_llama3_2_tied": lambda: lora_llama3_2(["q_proj", "v_proj"], apply_lora_to_mlp=True, vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=128, intermediate_dim=96, lora_rank=4, lora_alpha=8),
+    "lora_qwen2_tied": lambda: lora_qwen2(["q_proj", "k_proj"], vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, max_seq_len=128, intermediate_dim=96, tie_word_embeddings=True, lora_rank=4, lora_alpha=8),
 }
 
 
