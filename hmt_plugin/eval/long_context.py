@@ -310,6 +310,8 @@ class _Scorer:
                     [[n * self.block < s for n in range(n_seg)] for s in seq_lens], device=dist.device
                 )
                 self.distances.append(dist[real])
+            # Drop this call's outputs before the next call runs, or both are alive at once.
+            del out
 
     def _score_last_segment(self, t: int, boundary: int, rows: List[bool]) -> None:
         """Side call: targets ``boundary .. t-1`` of the rows that reach ``t``, from the state
