@@ -192,6 +192,18 @@ def test_truncation_cuts_gradients_at_bptt_depth(mode):
     assert reached(4) == [True, True, True, True]
 
 
+def test_key_projection_learns_across_truncation_boundaries():
+    """Truncation cuts the graph into earlier segments' memories, not the key projection
+    applied to them: with bptt_depth 2, segment 2 still recalls over 2 memories with keys
+    that depend on k_proj."""
+    model = tiny(bptt_depth=2)
+    ids = tokens(length=3 * model.config.tokens_per_segment)
+    out = model(ids, labels=ids, logits="none")
+    out.nll.sum().backward()
+    assert model.recall.k_proj.weight.grad.abs().sum() > 0
+    assert model.recall.q_proj.weight.grad.abs().sum() > 0
+
+
 def test_last_scope_builds_no_graph_for_other_segments():
     model = tiny()
     ids = tokens(length=72)

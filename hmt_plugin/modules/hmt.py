@@ -217,12 +217,14 @@ class HMT(nn.Module):
             raise ValueError(f"logits={logits!r}: use 'all', 'none' or a number of segments.")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, length]; got shape {tuple(tokens.shape)}.")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be integer token ids; got dtype {tokens.dtype}.")
         batch, width = tokens.shape
         if labels is not None and labels.shape != tokens.shape:
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} differs from tokens {tuple(tokens.shape)}."
             )
-        lengths = self._row_lengths(tokens, mask, seq_lens)
+        lengths = self._row_lengths(tokens, mask, seq_lens, labels)
         if state is None:
             state = HMTState(segments_seen=[0] * batch)
         elif state.batch_size != batch:
@@ -237,8 +239,10 @@ class HMT(nn.Module):
         tokens: torch.Tensor,
         mask: Optional[torch.Tensor],
         seq_lens: Optional[Union[torch.Tensor, Sequence[int]]],
+        labels: Optional[torch.Tensor] = None,
     ) -> List[int]:
-        """Real tokens per row, checked along with the token ids in one device sync."""
+        """Real tokens per row, checked along with the token ids and labels in one device
+        sync."""
         batch, width = tokens.shape
         vocab = vocab_size_of(self.backbone)
         ar = torch.arange(width, device=tokens.device)
@@ -266,8 +270,23 @@ class HMT(nn.Module):
         bad = (tokens < 0) | (tokens >= vocab)
         if real is not None:
             bad &= real
+        if labels is not None:
+            # Cross-entropy reports a bad target as a bare "out of bounds" (on CUDA, as a
+            # device-side assert); -1, another framework's ignore index, is the usual culprit.
+            wrong = (labels != CROSS_ENTROPY_IGNORE_IDX) & ((labels < 0) | (labels >= vocab))
+            if real is not None:
+                wrong &= real
+            checks.append(wrong.any()[None].long())
         checks.append(bad.any()[None].long())
         values = torch.cat(checks).tolist()
+        if labels is not None and values[-2]:
+            found = labels[wrong]
+            raise ValueError(
+                f"labels hold {found[0].item()}, outside the backbone's vocabulary [0, {vocab}); "
+                f"mark positions without a target with {CROSS_ENTROPY_IGNORE_IDX} "
+                "(CROSS_ENTROPY_IGNORE_IDX) and check that the labels come from the model's "
+                "tokenizer."
+            )
         if values[-1]:
             raise ValueError(
                 f"tokens hold ids outside the backbone's vocabulary [0, {vocab}); check that the "
@@ -386,6 +405,9 @@ class _Reader:
         memory = st.memory
         sensory = st.sensory
         cache, keys, valid = st.cache, st.cache_keys, st.cache_valid
+        if cache is not None and torch.is_grad_enabled():
+            # The state is detached; keys projected again keep the key projection's gradient.
+            keys = model.recall.keys(cache)
         last_hidden = st.last_hidden
         memories, scores_out, logits_out, nll_pred, snaps = [], [], [], [], {}
         snap_rows = self._snapshot_rows()
@@ -430,10 +452,12 @@ class _Reader:
             if (n + 1) % cfg.bptt_depth == 0:
                 # Truncated BPTT: nothing later in this call backpropagates into segment n
                 # or earlier. (The published code's manage_gradients rebinds a local name,
-                # so its truncation never happens.)
+                # so its truncation never happens.) The recall keys are re-projected from the
+                # detached memories: the key projection itself must keep its gradient.
                 memory = memory.detach() if memory is not None else None
-                cache = cache.detach() if cache is not None else None
-                keys = keys.detach() if keys is not None else None
+                if cache is not None:
+                    cache = cache.detach()
+                    keys = model.recall.keys(cache) if torch.is_grad_enabled() else keys.detach()
             if n in snap_rows:
                 snaps[n] = HMTState(
                     segments_seen=[],

@@ -28,6 +28,46 @@ from hmt_plugin.checkpointing.hmt_files import (
 from hmt_plugin.modules.hmt import HMT
 
 
+def build_checkpointer(cfg_checkpointer: Any, hmt_checkpoint: Optional[str] = None, **kwargs: Any) -> Any:
+    """``config.instantiate(cfg.checkpointer, **kwargs)``, with errors that say what to fix:
+    torchtune's checkpointers fail on a missing directory or file with the path alone."""
+    from torchtune import config
+
+    try:
+        return config.instantiate(cfg_checkpointer, **kwargs)
+    except (FileNotFoundError, ValueError) as err:
+        where = kwargs.get("checkpoint_dir", cfg_checkpointer.get("checkpoint_dir"))
+        hint = (
+            "Point checkpointer.checkpoint_dir at the model's directory (config.json and the "
+            "weight files) and list its files in checkpointer.checkpoint_files."
+        )
+        if hmt_checkpoint is not None and not Path(str(hmt_checkpoint)).exists():
+            # A stage-2 config reads both the backbone and the HMT parameters from stage 1.
+            hint = (
+                f"hmt_checkpoint={str(hmt_checkpoint)!r} does not exist either: this stage-2 "
+                "config reads the stage-1 run's `final` checkpoint. Run stage 1 first, or "
+                "point checkpointer.checkpoint_dir and hmt_checkpoint at its output."
+            )
+        raise FileNotFoundError(
+            f"checkpointer cannot read checkpoint_dir={str(where)!r}: {err} {hint}"
+        ) from err
+
+
+def load_backbone(checkpointer: Any) -> Dict[str, torch.Tensor]:
+    """The backbone's weights (torchtune keys) from ``checkpointer.load_checkpoint()``; a
+    truncated or damaged weight file is named with the fix (torchtune names only the file)."""
+    try:
+        return checkpointer.load_checkpoint()["model"]
+    except ValueError as err:
+        if not str(err).startswith("Unable to load checkpoint"):
+            raise
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        raise ValueError(
+            f"{str(err).strip()}{cause} The file is truncated or damaged (an interrupted "
+            "download or copy?): download it again, or point the checkpointer at an intact copy."
+        ) from err
+
+
 def lora_settings(model: HMT) -> Optional[Dict[str, Any]]:
     """Rank, alpha and targets of the LoRA adapters in ``model``'s backbone, read from the
     modules themselves (the config may nest them under ``backbone``), or None without LoRA."""
@@ -93,6 +133,17 @@ def fresh_adapter_state(model: HMT, seed: int) -> Dict[str, torch.Tensor]:
     return out
 
 
+def state_dict_shapes(model: torch.nn.Module) -> Dict[str, tuple]:
+    """Keys and shapes of ``model.state_dict()`` without calling it: with NF4 base weights
+    (QLoRA) torchtune's state-dict hook would dequantize the whole model to read shapes."""
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    for module_name, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                shapes[f"{module_name}.{name}" if module_name else name] = tuple(buf.shape)
+    return shapes
+
+
 def initial_state_dict(
     model: HMT,
     base_state: Dict[str, torch.Tensor],
@@ -114,7 +165,7 @@ def initial_state_dict(
     Raises:
         KeyError / FileNotFoundError / HMTCheckpointError: naming what does not fit.
     """
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = state_dict_shapes(model)
     expected = set(shapes)
     full = {f"backbone.{k}": v for k, v in base_state.items()}
     if lora is not None:
