@@ -29,17 +29,26 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.tensor import DTensor
 from torchtune import config, modules, training, utils
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from hmt_plugin.training import checkpoints as ckpt
-from hmt_plugin.training.data_setup import build_dataloader, build_documents, pad_id_of
+from hmt_plugin.training import faults
+from hmt_plugin.training.data_setup import (
+    build_dataloader,
+    build_documents,
+    build_tokenizer,
+    pad_id_of,
+)
 from hmt_plugin.training.loss import LossAccumulator, segment_loss
 from hmt_plugin.training.model_setup import (
+    build_checkpointer,
     checkpoint_parts,
     initial_state_dict,
+    load_backbone,
     lora_settings,
     set_trainable,
 )
@@ -87,17 +96,24 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
             self.global_step = recipe_state["global_step"]
             self.epoch = recipe_state["epoch"]
 
-        self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
+        self._checkpointer = build_checkpointer(
+            cfg.checkpointer, cfg.get("hmt_checkpoint"), should_load_recipe_state=False
+        )
         self._writer = ckpt.CheckpointWriter(
             self._checkpointer, self._output_dir, keep_last_n=cfg.get("keep_last_n_checkpoints")
         )
         self._model = self._setup_model(cfg, resume_from)
-        self._tokenizer = config.instantiate(cfg.tokenizer) if cfg.get("tokenizer") else None
+        self._resume_settings = ckpt.resume_settings(cfg, self._model.config, self.world_size)
+        if recipe_state is not None:
+            ckpt.check_resume(recipe_state, self._resume_settings, resume_from)
+        self._tokenizer = build_tokenizer(cfg.get("tokenizer"))
 
         self._optimizer = config.instantiate(
             cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
         )
-        documents = build_documents(cfg.dataset, self._tokenizer)
+        documents = build_documents(
+            cfg.dataset, self._tokenizer, tokens_per_segment=self._model.config.tokens_per_segment
+        )
         self._dataloader = build_dataloader(
             documents,
             hmt_config=self._model.config,
@@ -163,17 +179,17 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
             reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
         )
 
-        base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        base_state = load_backbone(self._checkpointer)
         adapter_state = None
         if resume_from is not None:
             if lora is None:
-                resumed = config.instantiate(
+                resumed = build_checkpointer(
                     cfg.checkpointer,
                     checkpoint_dir=str(resume_from),
                     checkpoint_files=sorted(p.name for p in resume_from.glob("model-*.safetensors")),
                     should_load_recipe_state=False,
                 )
-                base_state = resumed.load_checkpoint()[training.MODEL_KEY]
+                base_state = load_backbone(resumed)
             else:
                 adapter_state = torch.load(
                     resume_from / "adapter_model.pt", map_location="cpu", weights_only=True
@@ -230,6 +246,7 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
                 "seed": self.seed,
                 "global_step": self.global_step,
                 "epoch": self.epoch,
+                "settings": self._resume_settings,
                 "optimizer": optimizer,
                 "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
                 "dataloader": loaders,
@@ -344,6 +361,7 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
 
 
 @config.parse
+@record  # torchrun's failure summary then quotes each rank's error instead of "<N/A>"
 def recipe_main(cfg: DictConfig) -> None:
     if not training.is_distributed():
         raise RuntimeError(
@@ -354,12 +372,24 @@ def recipe_main(cfg: DictConfig) -> None:
         cfg.device, offload_ops_to_cpu=cfg.get("fsdp_cpu_offload", False)
     )
     # A bounded timeout: when a rank dies, the others fail with an error instead of hanging.
-    timeout = timedelta(seconds=cfg.get("distributed_timeout_s", 600))
-    dist.init_process_group(backend=backend, timeout=timeout)
+    timeout_s = cfg.get("distributed_timeout_s", 600)
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     config.log_config(recipe_name="HMTFinetuneRecipeDistributed", cfg=cfg)
     recipe = HMTFinetuneRecipeDistributed(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.train()
+    try:
+        recipe.setup(cfg=cfg)
+        recipe.train()
+    except RuntimeError as err:
+        if not faults.is_collective_failure(err):
+            raise
+        raise faults.collective_failure(
+            err,
+            rank=recipe.rank,
+            world_size=recipe.world_size,
+            step=recipe.global_step,
+            timeout_s=timeout_s,
+            latest_checkpoint=ckpt.latest_checkpoint(cfg.output_dir),
+        ) from err
     recipe.cleanup()
 
 

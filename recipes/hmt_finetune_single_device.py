@@ -30,12 +30,19 @@ from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
 from hmt_plugin.training import checkpoints as ckpt
-from hmt_plugin.training.data_setup import build_dataloader, build_documents, pad_id_of
+from hmt_plugin.training.data_setup import (
+    build_dataloader,
+    build_documents,
+    build_tokenizer,
+    pad_id_of,
+)
 from hmt_plugin.training.loss import LossAccumulator, segment_loss
 from hmt_plugin.training.model_setup import (
+    build_checkpointer,
     checkpoint_parts,
     cpu_state_dict,
     initial_state_dict,
+    load_backbone,
     load_initial_state,
     lora_settings,
     set_trainable,
@@ -80,17 +87,24 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
             self.global_step = recipe_state["global_step"]
             self.epoch = recipe_state["epoch"]
 
-        self._checkpointer = config.instantiate(cfg.checkpointer, should_load_recipe_state=False)
+        self._checkpointer = build_checkpointer(
+            cfg.checkpointer, cfg.get("hmt_checkpoint"), should_load_recipe_state=False
+        )
         self._writer = ckpt.CheckpointWriter(
             self._checkpointer, self._output_dir, keep_last_n=cfg.get("keep_last_n_checkpoints")
         )
         self._model = self._setup_model(cfg, resume_from)
-        self._tokenizer = config.instantiate(cfg.tokenizer) if cfg.get("tokenizer") else None
+        self._resume_settings = ckpt.resume_settings(cfg, self._model.config, 1)
+        if recipe_state is not None:
+            ckpt.check_resume(recipe_state, self._resume_settings, resume_from)
+        self._tokenizer = build_tokenizer(cfg.get("tokenizer"))
 
         self._optimizer = config.instantiate(
             cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
         )
-        documents = build_documents(cfg.dataset, self._tokenizer)
+        documents = build_documents(
+            cfg.dataset, self._tokenizer, tokens_per_segment=self._model.config.tokens_per_segment
+        )
         self._dataloader = build_dataloader(
             documents,
             hmt_config=self._model.config,
@@ -139,18 +153,18 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
         with training.set_default_dtype(self._dtype), self._device:
             model = config.instantiate(cfg.model)
         lora = lora_settings(model)
-        base_state = self._checkpointer.load_checkpoint()[training.MODEL_KEY]
+        base_state = load_backbone(self._checkpointer)
         adapter_state = None
         if resume_from is not None:
             if lora is None:
                 # Full fine-tune: the step checkpoint holds the whole backbone.
-                resumed = config.instantiate(
+                resumed = build_checkpointer(
                     cfg.checkpointer,
                     checkpoint_dir=str(resume_from),
                     checkpoint_files=sorted(p.name for p in resume_from.glob("model-*.safetensors")),
                     should_load_recipe_state=False,
                 )
-                base_state = resumed.load_checkpoint()[training.MODEL_KEY]
+                base_state = load_backbone(resumed)
             else:
                 adapter_state = torch.load(
                     resume_from / "adapter_model.pt", map_location="cpu", weights_only=True
@@ -198,6 +212,7 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
                 "seed": self.seed,
                 "global_step": self.global_step,
                 "epoch": self.epoch,
+                "settings": self._resume_settings,
                 "optimizer": self._optimizer.state_dict(),
                 "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
                 "dataloader": self._dataloader.state_dict(),

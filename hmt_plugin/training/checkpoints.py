@@ -17,6 +17,7 @@ renamed into place last, so a kill or a full disk mid-save leaves the previous c
 as it was, and ``latest_checkpoint`` only ever returns complete ones.
 """
 
+import errno
 import json
 import os
 import re
@@ -70,7 +71,74 @@ def load_recipe_state(checkpoint: os.PathLike) -> Dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a damaged pickle raises many different types
-        raise RuntimeError(f"{path} cannot be read ({err}); resume from an older checkpoint.") from err
+        # Resume always takes the newest complete checkpoint, so the way back to an older one
+        # is to take this one out of the running.
+        raise RuntimeError(
+            f"{path} cannot be read ({err}): the checkpoint is damaged. Delete {checkpoint} (or "
+            f"its {COMPLETE_MARKER} file) and resume again to continue from the checkpoint "
+            "before it."
+        ) from err
+
+
+# Settings that decide which batch comes next and what a step is: a resumed run that changes
+# them does not continue the interrupted run, it silently trains on a different schedule.
+RESUME_SETTINGS = ("batch_size", "gradient_accumulation_steps", "max_steps_per_epoch", "shuffle",
+                   "windows")
+
+
+def resume_settings(cfg: Any, hmt_config: HMTConfig, world_size: int) -> Dict[str, Any]:
+    """What :func:`check_resume` compares, recorded in every step checkpoint's recipe state."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key in RESUME_SETTINGS:
+        value = cfg.get(key)
+        out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    out["hmt"] = hmt_config.to_dict()
+    out["world_size"] = world_size
+    return out
+
+
+def check_resume(state: Dict[str, Any], current: Dict[str, Any], checkpoint: os.PathLike) -> None:
+    """Refuse to resume ``checkpoint`` with settings that would not continue its run.
+
+    Raises:
+        ValueError: naming the setting, its value in the checkpoint and the fix.
+    """
+    saved = dict(state.get("settings") or {})
+    # Checkpoints of the distributed recipe record their world size; older ones, and those of
+    # the single-device recipe, hold one data-loader state per rank or a single one.
+    saved.setdefault("world_size", state.get("world_size", 1))
+    if saved["world_size"] != current["world_size"]:
+        n = saved["world_size"]
+        how = (
+            "hmt_finetune_single_device" if n == 1
+            else f"`hmt-tune run --nproc_per_node {n} hmt_finetune_distributed`"
+        )
+        raise ValueError(
+            f"{checkpoint} was written by a run on {n} process(es) and this run has "
+            f"{current['world_size']}: the data position and RNG state are per rank. Resume it "
+            f"with {how}, or start a new run in another output_dir."
+        )
+    for key, value in current.items():
+        if key in saved and saved[key] != value:
+            raise ValueError(
+                f"resume_from_checkpoint: {key}={value!r} but {checkpoint} was trained with "
+                f"{key}={saved[key]!r}. Restore {key} to resume that run, or start a new run "
+                "in another output_dir."
+            )
+
+
+def _first_non_finite(parts: Dict[str, Optional[Dict[str, torch.Tensor]]]) -> Optional[str]:
+    for part, tensors in parts.items():
+        for key, value in (tensors or {}).items():
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+                return f"{part}[{key!r}]"
+    return None
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the previous one is untouched."""
 
 
 class CheckpointWriter:
@@ -116,9 +184,47 @@ class CheckpointWriter:
             meta: facts recorded in ``hmt_config.json`` and the marker (step, epoch, ...).
         """
         self._root.mkdir(parents=True, exist_ok=True)
+        # A step checkpoint with NaN/inf weights would become "the last good checkpoint" that
+        # every resume starts from; refuse it (the loss check catches most divergences a step
+        # earlier, this catches an update that overflowed the weights themselves).
+        bad = _first_non_finite(
+            {"hmt_state": hmt_state, "model_state": model_state, "adapter_state": adapter_state}
+        )
+        if bad is not None:
+            raise FloatingPointError(
+                f"not writing checkpoint {name!r}: {bad} holds NaN or inf (training diverged at "
+                f"step {(meta or {}).get('step', '?')}). The last good checkpoint is "
+                f"{latest_checkpoint(self._root) or 'none yet'}. Lower the learning rate, enable "
+                "clip_grad_norm, or use dtype=fp32."
+            )
         staging = self._root / f".{name}.partial"
         if staging.exists():
             shutil.rmtree(staging)
+        try:
+            target = self._write(name, staging, hmt_state, hmt_config, model_state,
+                                 adapter_state, adapter_config, recipe_state, meta)
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CheckpointError(
+                    err.errno,
+                    f"no space left for checkpoint {name!r} in {self._root} ({err}). The "
+                    f"partial write was removed and the previous checkpoint "
+                    f"({latest_checkpoint(self._root) or 'none yet'}) is intact. Free space, "
+                    "lower keep_last_n_checkpoints, or move output_dir to a larger disk, then "
+                    "rerun with resume_from_checkpoint=True.",
+                ) from err
+            raise
+        except Exception:
+            # Anything else (a bug, a bad value) leaves no staging directory behind either;
+            # a kill leaves it, and the next save of the same name replaces it.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._prune()
+        return target
+
+    def _write(self, name, staging, hmt_state, hmt_config, model_state, adapter_state,
+               adapter_config, recipe_state, meta) -> Path:
         ckpt: Dict[str, Any] = {}
         if model_state is not None:
             ckpt[training.MODEL_KEY] = model_state
@@ -146,7 +252,6 @@ class CheckpointWriter:
         target = self._root / name
         self._replace(written, target)
         shutil.rmtree(staging, ignore_errors=True)
-        self._prune()
         return target
 
     def _replace(self, source: Path, target: Path) -> None:

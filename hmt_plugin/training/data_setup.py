@@ -1,6 +1,7 @@
 """Documents -> segment windows -> batches, resumable mid-epoch (torchdata's stateful loader)."""
 
 from functools import partial
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -20,11 +21,41 @@ def pad_id_of(tokenizer: Any) -> int:
     return pad if isinstance(pad, int) and pad >= 0 else 0
 
 
-def build_documents(cfg_dataset: DictConfig, tokenizer: Any) -> Any:
+def build_tokenizer(cfg_tokenizer: Optional[DictConfig]) -> Any:
+    """Instantiate the config's tokenizer (None without one). Its files are checked first:
+    torchtune's tokenizers report a missing file in their own words (SentencePiece:
+    ``NOT_FOUND``), without the config key to change."""
+    if not cfg_tokenizer:
+        return None
+    for key in ("path", "merges_file"):
+        value = cfg_tokenizer.get(key)
+        if isinstance(value, str) and not Path(value).exists():
+            raise FileNotFoundError(
+                f"tokenizer.{key}={value!r} does not exist. Point it at the model's tokenizer "
+                "file (tokenizer.model for Llama 2 / SentencePiece, tokenizer.model of Llama 3, "
+                "vocab.json and merges.txt for Qwen2), usually in the checkpoint directory."
+            )
+    return config.instantiate(cfg_tokenizer)
+
+
+def build_documents(
+    cfg_dataset: DictConfig, tokenizer: Any, tokens_per_segment: Optional[int] = None
+) -> Any:
     """Instantiate the dataset builder of a config (it receives the tokenizer first, as in
-    torchtune; synthetic datasets accept ``tokenizer=None``)."""
+    torchtune; synthetic datasets accept ``tokenizer=None``).
+
+    ``tokens_per_segment``: the model's; a dataset laid out in segments of another size
+    (``dataset.tokens_per_segment``) is refused rather than trained on with its segments
+    cut across."""
     if cfg_dataset is None:
         raise ValueError("the config has no `dataset` section; add one (see configs/tiny/).")
+    laid_out = cfg_dataset.get("tokens_per_segment")
+    if tokens_per_segment is not None and laid_out is not None and laid_out != tokens_per_segment:
+        raise ValueError(
+            f"dataset.tokens_per_segment={laid_out} but the model reads {tokens_per_segment} new "
+            "tokens per segment (segment_length minus memory and sensory positions); set "
+            f"dataset.tokens_per_segment={tokens_per_segment}."
+        )
     docs = config.instantiate(cfg_dataset, tokenizer)
     if len(docs) == 0:
         raise ValueError(

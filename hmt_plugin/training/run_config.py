@@ -103,6 +103,17 @@ def validate_finetune_config(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}={value!r} must be an integer >= 1.")
+    lr = cfg.optimizer.get("lr") if isinstance(cfg.get("optimizer"), DictConfig) else None
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
+        # Optimizers compare lr with 0 and fail with a bare TypeError on a string.
+        raise ConfigError(f"optimizer.lr={lr!r} must be a number, e.g. 3.0e-4.")
+    timeout = cfg.get("distributed_timeout_s")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or timeout <= 0):
+        raise ConfigError(
+            f"distributed_timeout_s={timeout!r} must be a number of seconds > 0 (how long a "
+            "rank waits for the others before failing)."
+        )
     for key in ("model", "tokenizer", "checkpointer", "dataset", "optimizer", "lr_scheduler",
                 "metric_logger", "profiler"):
         if cfg.get(key) is not None:
