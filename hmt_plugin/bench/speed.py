@@ -1,0 +1,683 @@
+"""Speed and peak memory: HMT against the same backbone without memory and with full attention.
+
+    python -m hmt_plugin.bench speed                       # CPU, a 28M random Llama
+    python -m hmt_plugin.bench speed-gpu                   # CUDA, bf16, Llama 3.2 1B dims
+
+For each segment length and each document length T, one random document of T tokens is read
+three ways by one randomly initialised backbone, each computing the next-token NLL of every
+token as an evaluation does:
+
+(a) ``hmt``: HMT streaming the document in calls of ``chunk_segments`` segments, passing the
+    state on (``logits="none"``, labels given), so memory stays bounded whatever T is;
+(b) ``baseline``: the same model in ``baseline`` mode over the same document with the same
+    chunking: the backbone segment by segment, no memory;
+(c) ``full``: the plain torchtune decoder over the whole document at once (causal SDPA), the
+    NLL projected 1024 positions at a time so the ``[T, vocab]`` logits never exist at once.
+    Skipped beyond ``--full_max_len`` (its cost grows as T^2) and reported as "does not fit"
+    when the allocation fails.
+
+Each cell starts with one untimed run that warms up and measures peak memory (see
+:mod:`hmt_plugin.bench.memory`), then ``--repeats`` timed runs (fewer once their total passes
+``--repeat_budget_s``); the median is reported. The (a)/(b) time ratio is HMT's overhead: HMT
+reads every token in the segment pass (``segment_length`` slots for ``tokens_per_segment``
+new tokens) plus ``sum_fraction`` of it in the representation pass, so its floor is about 1.5.
+
+Then one training step (forward + backward, the recipe's ``segment_loss``) over a window of
+``bptt_depth`` segments, HMT against ``baseline``, at each ``--train_depths``.
+
+If the (a)/(b) ratio exceeds ``--target_ratio`` (or with ``--profile always``), the time of
+one HMT read and one baseline read is broken down by phase, and torch.profiler's top ops are
+listed, so the owner of the model code can see where the overhead goes.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import math
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torchtune import training
+
+from hmt_plugin.bench.memory import PROBE_CHOICES, describe, make_probe, rss_sampler, run_measured
+from hmt_plugin.bench.report import BenchRun, header, machine_info, markdown_table, stderr, write_json
+from hmt_plugin.modules.backbone import embed_tokens, project, run_layers
+from hmt_plugin.modules.hmt import HMT
+from hmt_plugin.modules.hmt_config import HMTConfig
+from hmt_plugin.training.loss import segment_loss
+
+# Backbone sizes. ``cpu-28m`` makes a 100k-token document a matter of minutes on a few CPU
+# cores; ``llama3_2_1b`` has the dimensions of Llama 3.2 1B (random weights: speed and
+# memory do not depend on the values); ``tiny`` is for dry runs and the smoke test.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "cpu-28m": dict(
+        family="llama3", vocab_size=8192, num_layers=6, num_heads=8, num_kv_heads=8,
+        embed_dim=512, intermediate_dim=1408, rope_base=10_000.0,
+    ),
+    "cpu-13m": dict(
+        family="llama3", vocab_size=8192, num_layers=4, num_heads=6, num_kv_heads=6,
+        embed_dim=384, intermediate_dim=1024, rope_base=10_000.0,
+    ),
+    "llama3_2_1b": dict(
+        family="llama3_2", vocab_size=128_256, num_layers=16, num_heads=32, num_kv_heads=8,
+        embed_dim=2048, intermediate_dim=8192, rope_base=500_000.0,
+    ),
+    "tiny": dict(
+        family="llama3", vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+        embed_dim=64, intermediate_dim=128, rope_base=10_000.0,
+    ),
+}
+DIMS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "embed_dim", "intermediate_dim")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROJECTION_CHUNK = 1024
+
+# What --tiny sets (a dry run: builds everything and runs each measurement once, in seconds).
+TINY_SETTINGS = dict(
+    preset="tiny", lengths=[200, 500], segment_lengths=[64], num_sensory=8, cache_size=16,
+    chunk_segments=4, repeats=1, train_depths=[2], profile_length=300,
+)
+
+
+# ---------------------------------------------------------------------------- the model
+def backbone_dims(args: argparse.Namespace) -> Dict[str, Any]:
+    """The preset's dimensions with any explicit ``--<dim>`` flag applied."""
+    dims = dict(PRESETS[args.preset])
+    for name in DIMS:
+        value = getattr(args, name)
+        if value is not None:
+            dims[name] = value
+    return dims
+
+
+def build_backbone(dims: Dict[str, Any], max_seq_len: int) -> torch.nn.Module:
+    """A randomly initialised torchtune decoder (``llama3``: untied output, plain RoPE;
+    ``llama3_2``: tied embeddings and Llama 3.2's scaled RoPE)."""
+    kwargs = {k: dims[k] for k in DIMS}
+    if dims["family"] == "llama3_2":
+        from torchtune.models.llama3_2 import llama3_2
+
+        return llama3_2(max_seq_len=max_seq_len, rope_base=int(dims["rope_base"]), **kwargs)
+    from torchtune.models.llama3 import llama3
+
+    return llama3(max_seq_len=max_seq_len, rope_base=dims["rope_base"], **kwargs)
+
+
+def hmt_config(args: argparse.Namespace, segment_length: int) -> HMTConfig:
+    return HMTConfig(
+        segment_length=segment_length,
+        mode="hmt",
+        num_sensory=args.num_sensory,
+        sum_fraction=args.sum_fraction,
+        recall_hidden_dim=args.recall_hidden_dim,
+        cache_size=args.cache_size,
+        # A training window of D segments backpropagates through all D of them when the
+        # truncation depth is at least D; each window is one call here.
+        bptt_depth=max(args.train_depths or [1]),
+    )
+
+
+def slot_floor(config: HMTConfig) -> float:
+    """Backbone positions HMT runs per new token, relative to ``baseline`` (1 per token):
+    ``segment_length`` slots per segment plus ``summary_tokens + 2m`` in the representation
+    pass, for ``tokens_per_segment`` new tokens. The time ratio cannot go much below this."""
+    slots = config.segment_length + config.summary_tokens + 2 * config.num_memory_tokens
+    return slots / config.tokens_per_segment
+
+
+# ---------------------------------------------------------------------------- the reads
+def read_streaming(model: HMT, doc: torch.Tensor, chunk_segments: int) -> torch.Tensor:
+    """(a)/(b): the summed NLL of ``doc`` read in calls of ``chunk_segments`` segments of the
+    model's current mode, with the state carried from call to call (an evaluation's loop)."""
+    chunk = chunk_segments * model.config.tokens_per_segment
+    total = torch.zeros((), dtype=torch.float64, device=doc.device)
+    state = None
+    with torch.inference_mode():
+        for lo in range(0, doc.shape[1], chunk):
+            piece = doc[:, lo : lo + chunk]
+            out = model(piece, labels=piece, state=state, logits="none")
+            total += out.nll.sum(dtype=torch.float64)
+            state = out.state
+    return total
+
+
+def read_full(decoder: torch.nn.Module, doc: torch.Tensor) -> torch.Tensor:
+    """(c): the summed NLL of ``doc`` from one decoder pass over all of it (plain causal
+    attention), projected to the vocabulary ``PROJECTION_CHUNK`` positions at a time."""
+    total = torch.zeros((), dtype=torch.float64, device=doc.device)
+    length = doc.shape[1]
+    with torch.inference_mode():
+        hidden = run_layers(decoder, embed_tokens(decoder, doc))
+        for lo in range(0, length - 1, PROJECTION_CHUNK):
+            hi = min(lo + PROJECTION_CHUNK, length - 1)
+            logits = project(decoder, hidden[:, lo:hi])
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), doc[:, lo + 1 : hi + 1].reshape(-1),
+                reduction="sum",
+            ).double()
+    return total
+
+
+def train_step(model: HMT, tokens: torch.Tensor, loss_scope: str) -> torch.Tensor:
+    """One forward + backward over a window, as the fine-tuning recipe computes it."""
+    for p in model.parameters():
+        p.grad = None
+    lengths = [tokens.shape[1]] * tokens.shape[0]
+    out = model(tokens, seq_lens=lengths, labels=tokens, logits="none", loss_scope=loss_scope)
+    loss = segment_loss(out.nll, tokens, lengths, model.config.tokens_per_segment, loss_scope)
+    (loss.loss_sum / loss.num_tokens).backward()
+    return loss.loss_sum.detach() / loss.num_tokens
+
+
+# ---------------------------------------------------------------------------- measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _is_oom(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or any(
+        s in text for s in ("out of memory", "can't allocate memory", "defaultcpuallocator")
+    )
+
+
+def measure(
+    fn: Callable[[], torch.Tensor],
+    *,
+    tokens: int,
+    device: torch.device,
+    probe,
+    repeats: int,
+    budget_s: float,
+) -> Dict[str, Any]:
+    """Warm-up run under the memory probe, then timed runs; a result dict for the tables.
+
+    ``tokens`` is the number of new tokens one run reads (for tokens per second)."""
+    try:
+        value, peak_mb = run_measured(lambda: _synced(fn, device), probe)
+        seconds: List[float] = []
+        rss_peaks: List[float] = []
+        for _ in range(max(1, repeats)):
+            rss = rss_sampler(device)
+            with rss.measure() if rss is not None else contextlib.nullcontext() as reading:
+                _sync(device)
+                t0 = time.perf_counter()
+                value = fn()
+                _sync(device)
+                seconds.append(time.perf_counter() - t0)
+            if reading is not None:
+                rss_peaks.append(reading.peak_mb)
+            if sum(seconds) >= budget_s:
+                break
+    except RuntimeError as err:
+        if not _is_oom(err):
+            raise
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"status": "does not fit (out of memory)", "error": str(err).splitlines()[0]}
+    median = statistics.median(seconds)
+    return {
+        "status": "ok",
+        "seconds": [round(s, 4) for s in seconds],
+        "median_s": round(median, 4),
+        "tokens_per_s": round(tokens / median, 1),
+        "peak_mb": None if peak_mb is None else round(peak_mb, 1),
+        "rss_peak_mb": round(max(rss_peaks), 1) if rss_peaks else None,
+        "value": float(value),
+    }
+
+
+def _synced(fn: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
+    out = fn()
+    _sync(device)
+    return out
+
+
+# ---------------------------------------------------------------------------- profiling
+class PhaseTimer:
+    """Wall time of HMT's phases, by wrapping the functions the model calls, for one read.
+
+    Only this benchmark's process is affected, and only inside the ``with`` block: the
+    functions are put back on exit. Times are exclusive (a wrapped call inside another is
+    charged to itself, not to its caller); a backbone call inside the representation pass is
+    charged to that pass. On CUDA each wrapped call synchronises, so the phases add up to
+    the read's wall time (and the read is slower than an unprofiled one)."""
+
+    # (owner, attribute name, phase label)
+    TARGETS = (
+        ("module", "run_layers", "backbone layers"),
+        ("module", "embed_tokens", "token embedding"),
+        ("module", "ragged_layout", "masks and positions"),
+        ("module", "project", "final norm + output projection"),
+        ("module", "_nll", "cross-entropy"),
+        ("reader", "_summaries", "representation pass (rest)"),
+        ("reader", "_remember", "memory cache update"),
+        ("reader", "_finish", "outputs and state assembly"),
+        ("hmt", "_row_lengths", "input checks"),
+        ("recall", "forward", "memory search (recall attention)"),
+    )
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: Dict[str, float] = {}
+        self.calls: Dict[str, int] = {}
+        self._stack: List[List[Any]] = []
+        self._saved: List[Any] = []
+
+    def _label(self, label: str) -> str:
+        inside_summary = any(frame[0] == "representation pass (rest)" for frame in self._stack)
+        if inside_summary and label != "representation pass (rest)":
+            return f"representation pass: {label}"
+        if label == "backbone layers":
+            return "segment pass: backbone layers"
+        return label
+
+    def _wrap(self, fn: Callable, label: str) -> Callable:
+        timer = self
+
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            name = timer._label(label)
+            frame = [name, 0.0]  # label, time spent in wrapped callees
+            timer._stack.append(frame)
+            _sync(timer.device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync(timer.device)
+                spent = time.perf_counter() - t0
+                timer._stack.pop()
+                timer.seconds[name] = timer.seconds.get(name, 0.0) + spent - frame[1]
+                timer.calls[name] = timer.calls.get(name, 0) + 1
+                if timer._stack:
+                    timer._stack[-1][1] += spent
+
+        return wrapped
+
+    def __enter__(self) -> "PhaseTimer":
+        import hmt_plugin.modules.hmt as hmt_module
+        from hmt_plugin.modules.recall import MemoryRecall
+
+        owners = {
+            "module": hmt_module,
+            "reader": hmt_module._Reader,
+            "hmt": HMT,
+            "recall": MemoryRecall,
+        }
+        for owner_name, attr, label in self.TARGETS:
+            owner = owners[owner_name]
+            original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+            self._saved.append((owner, attr, original))
+            setattr(owner, attr, self._wrap(original, label))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, attr, original in reversed(self._saved):
+            setattr(owner, attr, original)
+        self._saved.clear()
+
+
+def profile_reads(
+    model: HMT, doc: torch.Tensor, chunk_segments: int, device: torch.device, top_ops: int = 12
+) -> Dict[str, Any]:
+    """Phase breakdown of one HMT read and one baseline read of ``doc``, and torch.profiler's
+    top ops (self time) of each."""
+    tokens = doc.numel()
+    out: Dict[str, Any] = {"tokens": tokens}
+    for mode in ("hmt", "baseline"):
+        model.set_mode(mode)
+        read_streaming(model, doc, chunk_segments)  # warm-up
+        with PhaseTimer(device) as timer:
+            _sync(device)
+            t0 = time.perf_counter()
+            read_streaming(model, doc, chunk_segments)
+            _sync(device)
+            total = time.perf_counter() - t0
+        phases = dict(sorted(timer.seconds.items(), key=lambda kv: -kv[1]))
+        phases["unattributed (Python glue, cat, slicing)"] = total - sum(timer.seconds.values())
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            read_streaming(model, doc, chunk_segments)
+        sort_key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: -getattr(e, sort_key))[:top_ops]
+        out[mode] = {
+            "seconds": round(total, 4),
+            "ms_per_1k_tokens": round(1000 * total / tokens * 1000, 2),
+            "phases_s": {k: round(v, 4) for k, v in phases.items()},
+            "calls": timer.calls,
+            "top_ops": [
+                {
+                    "op": e.key,
+                    "calls": e.count,
+                    "self_s": round(getattr(e, sort_key) / 1e6, 4),
+                }
+                for e in events
+            ],
+        }
+    model.set_mode("hmt")
+    return out
+
+
+# ---------------------------------------------------------------------------- the benchmark
+def _random_doc(vocab: int, length: int, batch: int, device: torch.device, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+
+
+def run_speed(args: argparse.Namespace) -> Dict[str, Any]:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    dims = backbone_dims(args)
+    lengths = sorted(set(args.lengths))
+    full_lengths = [t for t in lengths if t <= args.full_max_len]
+    max_seq_len = max([*args.segment_lengths, *full_lengths, 2])
+    probe = make_probe(args.memory_probe, device)
+
+    stderr(f"building a random {args.preset} backbone {dims} on {device} ({args.dtype})")
+    with training.set_default_dtype(dtype), device:
+        backbone = build_backbone(dims, max_seq_len)
+    n_params = sum(p.numel() for p in backbone.parameters())
+    results: Dict[str, Any] = {"eval": [], "train": [], "profile": {}}
+    info = {
+        "backbone_parameters": n_params,
+        "memory_probe": describe(probe),
+        "rss_during_timed_runs": rss_sampler(device) is not None,
+        "slot_floor": {},
+        "tokens_per_segment": {},
+    }
+
+    for seg_len in args.segment_lengths:
+        with training.set_default_dtype(dtype), device:
+            model = HMT(backbone, hmt_config(args, seg_len))
+        model.eval()
+        cfg = model.config
+        info["slot_floor"][str(seg_len)] = round(slot_floor(cfg), 4)
+        info["tokens_per_segment"][str(seg_len)] = {
+            "hmt": cfg.tokens_per_segment,
+            "baseline": cfg.with_mode("baseline").tokens_per_segment,
+            "summary_tokens": cfg.summary_tokens,
+        }
+        if not args.skip_eval:
+            for length in lengths:
+                results["eval"].append(_eval_cell(model, args, seg_len, length, device, probe))
+        if args.train_depths:
+            model.train()
+            for depth in args.train_depths:
+                results["train"].append(_train_cell(model, args, seg_len, depth, device, probe))
+            model.eval()
+        if not args.skip_eval and _wants_profile(args, results["eval"], seg_len):
+            length = min(args.profile_length, max(lengths))
+            stderr(f"profiling segment_length={seg_len} over {length} tokens")
+            doc = _random_doc(dims["vocab_size"], length, args.batch_size, device, args.seed)
+            results["profile"][str(seg_len)] = profile_reads(model, doc, args.chunk_segments, device)
+        model.set_mode("hmt")
+        del model
+    results["info"] = info
+    return results
+
+
+def _eval_cell(model: HMT, args, seg_len: int, length: int, device, probe) -> Dict[str, Any]:
+    doc = _random_doc(model.backbone.tok_embeddings.num_embeddings, length, args.batch_size,
+                      device, args.seed)
+    targets = args.batch_size * (length - 1)
+    tokens = args.batch_size * length
+    cell: Dict[str, Any] = {"segment_length": seg_len, "length": length}
+    common = dict(tokens=tokens, device=device, probe=probe, repeats=args.repeats,
+                  budget_s=args.repeat_budget_s)
+    for name, mode in (("hmt", "hmt"), ("baseline", "baseline")):
+        if name not in args.variants:
+            continue
+        model.set_mode(mode)
+        stderr(f"  L={seg_len} T={length}: ({'a' if mode == 'hmt' else 'b'}) {mode}")
+        cell[name] = measure(lambda: read_streaming(model, doc, args.chunk_segments), **common)
+    model.set_mode("hmt")
+    if "full" in args.variants:
+        if length > args.full_max_len:
+            cell["full"] = {"status": f"skipped (T > --full_max_len {args.full_max_len})"}
+        else:
+            stderr(f"  L={seg_len} T={length}: (c) full attention")
+            cell["full"] = measure(lambda: read_full(model.backbone, doc), **common)
+    for name in ("hmt", "baseline", "full"):
+        res = cell.get(name)
+        if res and res.get("status") == "ok":
+            res["nll_per_token"] = round(res.pop("value") / targets, 4)
+    a, b = cell.get("hmt", {}), cell.get("baseline", {})
+    if a.get("status") == "ok" and b.get("status") == "ok":
+        cell["ratio_hmt_over_baseline"] = round(a["median_s"] / b["median_s"], 3)
+    return cell
+
+
+def _train_cell(model: HMT, args, seg_len: int, depth: int, device, probe) -> Dict[str, Any]:
+    cell: Dict[str, Any] = {"segment_length": seg_len, "bptt_depth": depth,
+                            "loss_scope": args.train_loss_scope}
+    vocab = model.backbone.tok_embeddings.num_embeddings
+    for mode in ("hmt", "baseline"):
+        model.set_mode(mode)
+        window = depth * model.config.tokens_per_segment
+        tokens = _random_doc(vocab, window, args.batch_size, device, args.seed + depth)
+        stderr(f"  L={seg_len} train depth {depth}: {mode} ({window} tokens per row)")
+        res = measure(
+            lambda: train_step(model, tokens, args.train_loss_scope),
+            tokens=args.batch_size * window, device=device, probe=probe,
+            repeats=args.train_repeats, budget_s=args.repeat_budget_s,
+        )
+        if res.get("status") == "ok":
+            res["loss"] = round(res.pop("value"), 4)
+        res["window_tokens"] = window
+        cell[mode] = res
+    for p in model.parameters():
+        p.grad = None
+    model.set_mode("hmt")
+    a, b = cell["hmt"], cell["baseline"]
+    if a.get("status") == "ok" and b.get("status") == "ok":
+        # Per token: the windows hold the same number of segments, not of tokens.
+        cell["ratio_hmt_over_baseline"] = round(
+            b["tokens_per_s"] / a["tokens_per_s"], 3
+        )
+    return cell
+
+
+def _wants_profile(args, cells: List[Dict[str, Any]], seg_len: int) -> bool:
+    if args.profile == "never":
+        return False
+    if args.profile == "always":
+        return True
+    ratios = [c["ratio_hmt_over_baseline"] for c in cells
+              if c["segment_length"] == seg_len and "ratio_hmt_over_baseline" in c]
+    return bool(ratios) and statistics.median(ratios) > args.target_ratio
+
+
+# ---------------------------------------------------------------------------- output
+def _fmt_cell(res: Optional[Dict[str, Any]], key: str) -> Any:
+    if not res:
+        return None
+    if res.get("status") != "ok":
+        return res["status"].split(" (")[0] if key == "tokens_per_s" else None
+    return res.get(key)
+
+
+def tables(record: Dict[str, Any]) -> str:
+    results = record["results"]
+    info = results["info"]
+    out = [f"## speed\n\n{header(record)}\n",
+           f"Backbone: {info['backbone_parameters']:,} parameters. Peak memory: "
+           f"{info['memory_probe']} (warm-up run); RSS column: resident set above the start, "
+           "sampled every 2 ms during the timed runs.\n"]
+    for seg_len in record["settings"]["segment_lengths"]:
+        cells = [c for c in results["eval"] if c["segment_length"] == seg_len]
+        tps = info["tokens_per_segment"][str(seg_len)]
+        if cells:
+            rows = []
+            for c in cells:
+                a, b, f = c.get("hmt"), c.get("baseline"), c.get("full")
+                rows.append([
+                    c["length"],
+                    _fmt_cell(a, "tokens_per_s"), _fmt_cell(b, "tokens_per_s"),
+                    _fmt_cell(f, "tokens_per_s"), c.get("ratio_hmt_over_baseline"),
+                    _fmt_cell(a, "peak_mb"), _fmt_cell(b, "peak_mb"), _fmt_cell(f, "peak_mb"),
+                    _fmt_cell(a, "rss_peak_mb"), _fmt_cell(f, "rss_peak_mb"),
+                ])
+            ratios = [c["ratio_hmt_over_baseline"] for c in cells if "ratio_hmt_over_baseline" in c]
+            out.append(
+                f"### Evaluation, segment_length {seg_len} (HMT {tps['hmt']} new tokens per "
+                f"segment, summary {tps['summary_tokens']}; baseline {tps['baseline']})\n"
+            )
+            out.append(markdown_table(
+                ["tokens", "(a) HMT tok/s", "(b) no memory tok/s", "(c) full attn tok/s",
+                 "(a)/(b) time", "(a) peak MiB", "(b) peak MiB", "(c) peak MiB",
+                 "(a) RSS MiB", "(c) RSS MiB"],
+                rows,
+            ))
+            if ratios:
+                out.append(
+                    f"\n(a)/(b) median {statistics.median(ratios):.3f} (range {min(ratios):.3f}-"
+                    f"{max(ratios):.3f}); backbone positions per new token, HMT vs baseline: "
+                    f"{info['slot_floor'][str(seg_len)]:.3f}; target < "
+                    f"{record['settings']['target_ratio']}.\n"
+                )
+        train = [c for c in results["train"] if c["segment_length"] == seg_len]
+        if train:
+            rows = [[c["bptt_depth"], c["hmt"].get("window_tokens"),
+                     _fmt_cell(c["hmt"], "tokens_per_s"), _fmt_cell(c["baseline"], "tokens_per_s"),
+                     c.get("ratio_hmt_over_baseline"), _fmt_cell(c["hmt"], "peak_mb"),
+                     _fmt_cell(c["baseline"], "peak_mb"), _fmt_cell(c["hmt"], "rss_peak_mb")]
+                    for c in train]
+            out.append(f"### Training step (forward + backward, loss_scope "
+                       f"{train[0]['loss_scope']}), segment_length {seg_len}\n")
+            out.append(markdown_table(
+                ["BPTT depth", "HMT window tokens", "HMT tok/s", "no memory tok/s",
+                 "time/token ratio", "HMT peak MiB", "no memory peak MiB", "HMT RSS MiB"],
+                rows,
+            ))
+            out.append("")
+        prof = results["profile"].get(str(seg_len))
+        if prof:
+            out.append(_profile_table(prof, seg_len))
+    return "\n".join(out)
+
+
+def _profile_table(prof: Dict[str, Any], seg_len: int) -> str:
+    a, b = prof["hmt"], prof["baseline"]
+    names = list(dict.fromkeys([*a["phases_s"], *b["phases_s"]]))
+    rows = [[n, a["phases_s"].get(n), b["phases_s"].get(n),
+             100 * a["phases_s"].get(n, 0.0) / a["seconds"]] for n in names]
+    rows.append(["total", a["seconds"], b["seconds"], 100.0])
+    lines = [f"### Where HMT's time goes, segment_length {seg_len}, {prof['tokens']} tokens\n",
+             markdown_table(["phase", "HMT s", "baseline s", "% of HMT"], rows), "",
+             "Top ops of the HMT read (self time):\n",
+             markdown_table(["op", "calls", "self s"],
+                            [[e["op"], e["calls"], e["self_s"]] for e in a["top_ops"]]), ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- command line
+def build_parser(prog: str, gpu: bool) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=(
+            "Tokens/s and peak memory of (a) HMT streaming a long document, (b) the same "
+            "backbone segment by segment without memory, (c) full attention over the whole "
+            "document; and of one training step at several BPTT depths."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("backbone (random weights)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="llama3_2_1b" if gpu else "cpu-28m")
+    for name in DIMS:
+        g.add_argument(f"--{name}", type=int, default=None, help="overrides the preset")
+    g.add_argument("--device", default="cuda" if gpu else "cpu")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if gpu else "fp32")
+    g.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("HMT")
+    g.add_argument("--segment_lengths", type=int, nargs="+", default=[1024])
+    g.add_argument("--num_sensory", type=int, default=32)
+    g.add_argument("--sum_fraction", type=float, default=0.5)
+    g.add_argument("--cache_size", type=int, default=300)
+    g.add_argument("--recall_hidden_dim", type=int, default=None)
+
+    g = p.add_argument_group("evaluation reads")
+    g.add_argument("--lengths", type=int, nargs="+",
+                   default=[2048, 4096, 10000, 30000, 60000, 100000])
+    g.add_argument("--variants", nargs="+", choices=["hmt", "baseline", "full"],
+                   default=["hmt", "baseline", "full"])
+    g.add_argument("--chunk_segments", type=int, default=16,
+                   help="segments per model call in (a) and (b)")
+    g.add_argument("--full_max_len", type=int, default=131072 if gpu else 30000,
+                   help="(c) is skipped for longer documents (its time grows as T^2)")
+    g.add_argument("--batch_size", type=int, default=1, help="documents read side by side")
+    g.add_argument("--skip_eval", action="store_true")
+
+    g = p.add_argument_group("training step")
+    g.add_argument("--train_depths", type=int, nargs="*", default=[2, 6, 15],
+                   help="BPTT depths (segments per window); none to skip")
+    g.add_argument("--train_loss_scope", choices=["last", "all"], default="last",
+                   help="the recipes' loss_scope (last: the published loss)")
+    g.add_argument("--train_repeats", type=int, default=3)
+
+    g = p.add_argument_group("measurement")
+    g.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median)")
+    g.add_argument("--repeat_budget_s", type=float, default=120.0,
+                   help="stop repeating a cell once its timed runs took this long (>= 1 run)")
+    g.add_argument("--memory_probe", choices=PROBE_CHOICES, default="auto",
+                   help="auto: cuda on CUDA, tensor_bytes on CPU")
+    g.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
+                   help="auto: when the median (a)/(b) ratio exceeds --target_ratio")
+    g.add_argument("--target_ratio", type=float, default=1.6)
+    g.add_argument("--profile_length", type=int, default=10000)
+    g.add_argument("--tiny", action="store_true",
+                   help="dry run: tiny backbone, two short lengths, one repeat (seconds)")
+    g.add_argument("--out", default="outputs/bench/speed-gpu.json" if gpu else "outputs/bench/speed.json")
+    return p
+
+
+def parse(argv: Sequence[str], prog: str, gpu: bool) -> argparse.Namespace:
+    parser = build_parser(prog, gpu)
+    args = parser.parse_args(argv)
+    if args.tiny:
+        explicit = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
+        for key, value in TINY_SETTINGS.items():
+            if key not in explicit:
+                setattr(args, key, value)
+    if min(args.lengths) < 2:
+        parser.error("--lengths must be at least 2 tokens")
+    for name in DIMS:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA device is available; use --device cpu "
+                     "(with --tiny for a dry run)")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None, *, gpu: bool = False) -> Dict[str, Any]:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = "speed-gpu" if gpu else "speed"
+    args = parse(argv, f"python -m hmt_plugin.bench {name}", gpu)
+    run = BenchRun(name, argv)
+    results = run_speed(args)
+    settings = {k: v for k, v in vars(args).items()}
+    settings["backbone"] = backbone_dims(args)
+    record = run.record(settings=settings, results=results,
+                        machine=machine_info(args.device, args.dtype))
+    path = write_json(args.out, record)
+    print(tables(record))
+    print(f"\nWrote {path}")
+    return record
+
+
+def main_gpu(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    return main(argv, gpu=True)
