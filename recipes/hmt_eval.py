@@ -180,8 +180,26 @@ class HMTEvalRecipe:
         self._documents = None
         if self._context_lengths or self._document_ppl:
             self._documents = build_documents(cfg.dataset, self._tokenizer)
+            self._check_documents(cfg)
             log.info(f"{len(self._documents)} documents to score")
         self._probe = memory_probe(cfg.get("memory_probe", "auto"), self._device)
+
+    def _check_documents(self, cfg: DictConfig) -> None:
+        """Before any model is loaded: every T must fit some document."""
+        lengths = self._documents.lengths if hasattr(self._documents, "lengths") else [
+            len(d["tokens"]) for d in self._documents
+        ]
+        longest = int(max(lengths)) if len(lengths) else 0
+        max_tokens = cfg.get("max_tokens")
+        if max_tokens is not None:
+            longest = min(longest, max_tokens)
+        beyond = [t for t in self._context_lengths if t > longest]
+        if beyond:
+            raise ConfigError(
+                f"context_lengths {beyond} exceed the longest document ({longest} tokens"
+                f"{', max_tokens=' + str(max_tokens) if max_tokens is not None else ''}); lower "
+                "them, raise max_tokens, or use a dataset with longer documents."
+            )
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> Dict[str, Any]:
