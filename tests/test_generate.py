@@ -3,6 +3,7 @@ segment boundaries, long prompts, sampling, stops, errors."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hmt_plugin.generation import HMTGenerator, sample_next_token
 from hmt_plugin.models import hmt_tiny
@@ -194,6 +195,35 @@ def test_generator_leaves_the_model_as_it_was():
     assert all(layer.attn.kv_cache is None for layer in model.backbone.layers)
     with torch.no_grad():
         torch.testing.assert_close(model(x, logits="all").logits, before)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts ops that make the host wait for a device value (item/int/bool of a tensor,
+    boolean-mask indexing, nonzero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        bool_index = name.startswith("aten.index.Tensor") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else [])
+        )
+        if "_local_scalar_dense" in name or "nonzero" in name or "masked_select" in name or bool_index:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_decoding_steps_read_nothing_back_but_the_sampled_token():
+    """The sampled ids come back with ``tolist`` (no op here); nothing else may wait for the
+    device, across segment boundaries and recall refreshes included."""
+    model = tiny("hmt")
+    gen = HMTGenerator(model)
+    gen.prefill(ids(30))
+    with _HostReads() as reads:
+        gen.generate(None, 3 * model.config.tokens_per_segment)
+    assert reads.ops == []
 
 
 # --------------------------------------------------------------------- sampling and stops
