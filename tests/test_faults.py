@@ -267,6 +267,25 @@ def _sigkill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _run_in_child(tmp_path: Path, cfg: Path, patch: str = "") -> subprocess.Popen:
+    """The recipe in a child interpreter (what `hmt-tune run` does, minus the CLI's own start-up
+    time; tests/test_recipes.py kills a real `hmt-tune run`), after ``patch``, a test hook."""
+    script = tmp_path / "child.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
+        + textwrap.dedent(patch)
+        + textwrap.dedent(f"""
+            from omegaconf import OmegaConf
+            from tests.recipe_utils import run_in_process
+            run_in_process({SINGLE!r}, OmegaConf.load({str(cfg)!r}))
+        """)
+    )
+    return subprocess.Popen(
+        [sys.executable, str(script)], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
 @pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write(reference, tmp_path):
     """A real SIGKILL while step 4's checkpoint is half written (its backbone and HMT files are
@@ -274,15 +293,12 @@ def test_sigkill_during_a_checkpoint_write(reference, tmp_path):
     out = tmp_path / "run"
     cfg = write_config(demo_config(out), tmp_path / "cfg.yaml")
     mid_write = tmp_path / "mid_write"
-    # The recipe runs in a child interpreter whose HMT-file writer pauses (forever) after
-    # writing step 4's HMT weights: the kill then lands at a known point of the write.
-    script = tmp_path / "run_slow_save.py"
-    script.write_text(textwrap.dedent(f"""
+    # The HMT-file writer of the child pauses (for good) once it has written step 4's HMT
+    # weights: the kill then lands at a known point of the write.
+    proc = _run_in_child(tmp_path, cfg, patch=f"""
         import time
         from pathlib import Path
-        from omegaconf import OmegaConf
         import hmt_plugin.training.checkpoints as ckpt
-        from tests.recipe_utils import run_in_process
 
         write = ckpt.save_hmt_checkpoint
 
@@ -294,12 +310,7 @@ def test_sigkill_during_a_checkpoint_write(reference, tmp_path):
             return path
 
         ckpt.save_hmt_checkpoint = paused
-        run_in_process({SINGLE!r}, OmegaConf.load({str(cfg)!r}))
-    """))
-    proc = subprocess.Popen(
-        [sys.executable, str(script)], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
+    """)
     _wait_for(mid_write, proc)
     _sigkill(proc)
 
@@ -324,10 +335,7 @@ def test_sigkill_at_a_random_step_then_resume(reference, tmp_path):
     k = random.Random(seed).randint(2, 4)
     out = tmp_path / "run"
     cfg = write_config(demo_config(out), tmp_path / "cfg.yaml")
-    proc = subprocess.Popen(
-        [*HMT_TUNE, "run", SINGLE, "--config", str(cfg)], env=env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
+    proc = _run_in_child(tmp_path, cfg)
     start = time.time()
     while k not in read_metrics(out / "logs"):
         if proc.poll() is not None:
