@@ -33,6 +33,7 @@ Which memory the segment starts from (``P_n``):
 No step waits for the device except to read the sampled token itself.
 """
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -80,7 +81,8 @@ class HMTGenerator:
                            stop_tokens=tokenizer.stop_tokens, callback=print_token)
 
     Args:
-        model (HMT): the model, in the mode to generate with (``model.set_mode`` first).
+        model (HMT): the model, in eval mode and in the HMT mode to generate with
+            (``model.eval()``, ``model.set_mode(...)`` first).
         max_batch_size (int): most rows decoded together (rows share a length, so their
             segment boundaries line up).
         refresh_recall (bool): ``hmt`` mode: recompute the recall once a segment holds
@@ -149,6 +151,12 @@ class HMTGenerator:
             torch.Tensor: ``[b, v]`` float32 logits of the token after the prompt.
         """
         ids = self._as_batch(prompt, "prompt")
+        if self.model.training:
+            warnings.warn(
+                "HMTGenerator: the model is in training mode (dropout is on); call model.eval() "
+                "for reproducible outputs.",
+                stacklevel=2,
+            )
         self._start(ids.shape[0])
         self._read(ids)
         return self.next_logits()
