@@ -78,7 +78,7 @@ PROJECTION_CHUNK = 1024
 # What --tiny sets (a dry run: builds everything and runs each measurement once, in seconds).
 TINY_SETTINGS = dict(
     preset="tiny", lengths=[200, 500], segment_lengths=[64], num_sensory=8, cache_size=16,
-    chunk_segments=4, repeats=1, train_depths=[2], profile_length=300,
+    chunk_segments=4, repeats=1, train_repeats=1, train_depths=[2], profile_length=300,
 )
 
 
@@ -193,6 +193,7 @@ def measure(
     probe,
     repeats: int,
     budget_s: float,
+    rss: bool = True,
 ) -> Dict[str, Any]:
     """Warm-up run under the memory probe, then timed runs; a result dict for the tables.
 
@@ -202,8 +203,8 @@ def measure(
         seconds: List[float] = []
         rss_peaks: List[float] = []
         for _ in range(max(1, repeats)):
-            rss = rss_sampler(device)
-            with rss.measure() if rss is not None else contextlib.nullcontext() as reading:
+            sampler = rss_sampler(device) if rss else None
+            with sampler.measure() if sampler is not None else contextlib.nullcontext() as reading:
                 _sync(device)
                 t0 = time.perf_counter()
                 value = fn()
@@ -391,7 +392,7 @@ def run_speed(args: argparse.Namespace) -> Dict[str, Any]:
     info = {
         "backbone_parameters": n_params,
         "memory_probe": describe(probe),
-        "rss_during_timed_runs": rss_sampler(device) is not None,
+        "rss_during_timed_runs": rss_sampler(device) is not None and not args.no_rss,
         "slot_floor": {},
         "tokens_per_segment": {},
     }
@@ -433,7 +434,7 @@ def _eval_cell(model: HMT, args, seg_len: int, length: int, device, probe) -> Di
     tokens = args.batch_size * length
     cell: Dict[str, Any] = {"segment_length": seg_len, "length": length}
     common = dict(tokens=tokens, device=device, probe=probe, repeats=args.repeats,
-                  budget_s=args.repeat_budget_s)
+                  budget_s=args.repeat_budget_s, rss=not args.no_rss)
     for name, mode in (("hmt", "hmt"), ("baseline", "baseline")):
         if name not in args.variants:
             continue
@@ -469,7 +470,7 @@ def _train_cell(model: HMT, args, seg_len: int, depth: int, device, probe) -> Di
         res = measure(
             lambda: train_step(model, tokens, args.train_loss_scope),
             tokens=args.batch_size * window, device=device, probe=probe,
-            repeats=args.train_repeats, budget_s=args.repeat_budget_s,
+            repeats=args.train_repeats, budget_s=args.repeat_budget_s, rss=not args.no_rss,
         )
         if res.get("status") == "ok":
             res["loss"] = round(res.pop("value"), 4)
@@ -632,6 +633,9 @@ def build_parser(prog: str, gpu: bool) -> argparse.ArgumentParser:
                    help="stop repeating a cell once its timed runs took this long (>= 1 run)")
     g.add_argument("--memory_probe", choices=PROBE_CHOICES, default="auto",
                    help="auto: cuda on CUDA, tensor_bytes on CPU")
+    g.add_argument("--no_rss", action="store_true",
+                   help="do not sample RSS during timed CPU runs (each sample starts with a "
+                        "gc + malloc_trim of about a second, outside the timed region)")
     g.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                    help="auto: when the median (a)/(b) ratio exceeds --target_ratio")
     g.add_argument("--target_ratio", type=float, default=1.6)

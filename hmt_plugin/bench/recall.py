@@ -1,0 +1,219 @@
+"""Recall: accuracy on the synthetic long-range recall task by distance in segments, for
+``baseline``, ``rmt`` and ``hmt`` trained the same way.
+
+    python -m hmt_plugin.bench recall            # about 10-15 minutes on 2 CPU cores
+    python -m hmt_plugin.bench recall --quick    # about a minute
+
+The task (:func:`hmt_plugin.data.synthetic_recall_dataset`): a value planted at the start
+of one segment must be produced ``d`` segments later, after a question; only the answer is
+scored. Each model gets data laid out in its own segments (``baseline`` reads more new
+tokens per segment than HMT, which gives room to memory and sensory tokens), so ``d`` counts
+the segment boundaries the value must cross for every model alike. ``d = 0`` (needle and
+question in one segment) is the control every model should solve.
+
+Every model starts from the same random tiny Llama and trains with the fine-tuning recipe
+(the demo config's settings) for the same number of steps, on windows holding whole
+documents, with gradients through all their segments. Then each reads fresh documents at
+each distance; the HMT weights are also read without recall (``hmt_stage1`` mode).
+Chance is ``1 / num_symbols``.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from hmt_plugin.bench import runs
+from hmt_plugin.bench.report import BenchRun, header, machine_info, markdown_table, stderr, write_json
+
+DIMS = dict(vocab_size=32, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_dim=128)
+MODELS = ("baseline", "rmt", "hmt")
+QUICK = dict(distances=[0, 1, 2], steps=25, batch_size=16, eval_documents=64)
+
+
+def _task(args, tokens_per_segment: int, distances, num_documents: int, seed: int) -> Dict[str, Any]:
+    return {
+        "_component_": "hmt_plugin.data.synthetic_recall_dataset",
+        "num_documents": num_documents, "tokens_per_segment": tokens_per_segment,
+        "distance_segments": list(distances) if len(distances) > 1 else distances[0],
+        "vocab_size": DIMS["vocab_size"], "num_symbols": args.num_symbols,
+        "needle_position": args.needle_position, "seed": seed,
+    }
+
+
+def _settings(args, mode: str, depth: int) -> Dict[str, Any]:
+    return dict(mode=mode, segment_length=args.segment_length, num_sensory=args.num_sensory,
+                recall_hidden_dim=args.recall_hidden_dim, cache_size=args.cache_size,
+                bptt_depth=depth)
+
+
+def _build(settings: Dict[str, Any]):
+    from hmt_plugin.models import hmt_tiny
+
+    return hmt_tiny(**DIMS, max_seq_len=args_max_seq_len(settings["segment_length"]), **settings)
+
+
+def args_max_seq_len(segment_length: int) -> int:
+    return max(64, segment_length)
+
+
+def recipe_config(args, mode: str, run_dir: Path, work: Path) -> Dict[str, Any]:
+    from hmt_plugin.modules.hmt_config import HMTConfig
+
+    depth = max(args.distances) + 1  # a window holds a whole document: needle to answer
+    settings = _settings(args, mode, depth)
+    tps = HMTConfig(**settings).tokens_per_segment
+    return {
+        "output_dir": str(run_dir), "seed": args.seed, "device": "cpu", "dtype": "fp32",
+        "checkpointer": {
+            "_component_": "hmt_plugin.checkpointing.tiny_llama_checkpointer",
+            # One random backbone, written by the first run, read by all three.
+            "checkpoint_dir": str(work / "runs" / "random_init"), "output_dir": str(run_dir),
+            **DIMS, "max_seq_len": args_max_seq_len(args.segment_length), "seed": args.seed,
+        },
+        "model": {"_component_": "hmt_plugin.models.hmt_tiny", **DIMS,
+                  "max_seq_len": args_max_seq_len(args.segment_length), **settings},
+        "tokenizer": None,
+        "dataset": _task(args, tps, args.distances, args.steps * args.batch_size, args.seed),
+        "windows": {"segments_per_window": depth, "random_offset": False},
+        "collate_fn": "hmt_plugin.data.segment_collate", "shuffle": True,
+        "batch_size": args.batch_size, "loss_scope": "last",
+        "optimizer": {"_component_": "torch.optim.AdamW", "lr": args.lr, "weight_decay": 0.0},
+        "lr_scheduler": {
+            "_component_": "torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup",
+            "num_warmup_steps": max(1, min(20, args.steps // 10)),
+        },
+        "epochs": 1, "max_steps_per_epoch": args.steps, "gradient_accumulation_steps": 1,
+        "clip_grad_norm": 1.0, "compile": False, "enable_activation_checkpointing": False,
+        "metric_logger": runs.disk_logger(run_dir / "logs"), "log_every_n_steps": 5,
+        "save_every_n_steps": None, "keep_last_n_checkpoints": 1,
+    }
+
+
+def evaluate(model, args, mode: str, distances: List[int]) -> Dict[str, Any]:
+    """Answer accuracy of ``model`` read in ``mode``, per distance, on fresh documents."""
+    from hmt_plugin.data import synthetic_recall_dataset
+    from hmt_plugin.eval.scoring import score_mode
+
+    tps = model.config.with_mode(mode).tokens_per_segment
+    out = {}
+    for d in distances:
+        task = _task(args, tps, [d], args.eval_documents, seed=10_000 + d)
+        task.pop("_component_")
+        docs = synthetic_recall_dataset(None, **task)
+        score = score_mode(model, docs, mode=mode, batch_size=64)
+        out[str(d)] = {"accuracy": round(score.accuracy, 4), "documents": score.documents,
+                       "answer_nll": round(score.nll, 4)}
+    return out
+
+
+def run_recall(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    eval_distances = args.eval_distances or args.distances
+    results: Dict[str, Any] = {"runs": {}, "accuracy": {}, "chance": 1 / args.num_symbols,
+                               "distances": eval_distances}
+    for mode in MODELS:
+        run_dir = work / "runs" / mode
+        cfg = recipe_config(args, mode, run_dir, work)
+        path = runs.write_config(cfg, work / "runs" / f"{mode}.yaml")
+        if args.reuse and runs.is_finished(run_dir):
+            wall = None
+        else:
+            stderr(f"training {mode}: {args.steps} steps of {args.batch_size} documents")
+            wall = runs.run_recipe(path, launcher=args.launcher, threads=args.threads)
+        results["runs"][mode] = {
+            "config": str(path), "wall_s": None if wall is None else round(wall, 1),
+            "final_metrics": runs.last_metrics(run_dir / "logs"),
+            "tokens_per_segment": cfg["dataset"]["tokens_per_segment"],
+        }
+    for mode in MODELS:
+        final = runs.final_dir(work / "runs" / mode)
+        settings = runs.hmt_settings_from(final)
+        model = runs.load_trained(final, lambda: _build(settings), work_dir=work / "scratch")
+        reads = [(mode, mode)] + ([("hmt without recall", "hmt_stage1")] if mode == "hmt" else [])
+        for label, read_mode in reads:
+            stderr(f"evaluating {label} at distances {eval_distances}")
+            results["accuracy"][label] = evaluate(model, args, read_mode, eval_distances)
+    return results
+
+
+def tables(record: Dict[str, Any]) -> str:
+    res = record["results"]
+    labels = list(res["accuracy"])
+    rows = [[int(d)] + [res["accuracy"][l][str(d)]["accuracy"] for l in labels]
+            for d in res["distances"]]
+    s = record["settings"]
+    train_rows = [[m, r["tokens_per_segment"], r["wall_s"], r["final_metrics"].get("loss")]
+                  for m, r in res["runs"].items()]
+    return "\n".join([
+        f"## recall\n\n{header(record)}\n",
+        f"Answer accuracy by distance in segments (chance {res['chance']:.3f}; "
+        f"{s['eval_documents']} documents per distance; trained {s['steps']} steps x "
+        f"{s['batch_size']} documents on distances {s['distances']}).\n",
+        markdown_table(["distance (segments)"] + labels, rows), "",
+        markdown_table(["run", "new tokens per segment", "wall s", "final loss (last 5 logs)"],
+                       train_rows),
+    ])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hmt_plugin.bench recall",
+        description="Synthetic long-range recall accuracy by distance for baseline, rmt, hmt.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--distances", type=int, nargs="+", default=[0, 1, 2, 4, 8],
+                   help="training distances (segments between needle and question)")
+    p.add_argument("--eval_distances", type=int, nargs="+", default=None,
+                   help="default: the training distances")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--segment_length", type=int, default=24)
+    p.add_argument("--num_sensory", type=int, default=4)
+    p.add_argument("--recall_hidden_dim", type=int, default=32)
+    p.add_argument("--cache_size", type=int, default=16)
+    p.add_argument("--num_symbols", type=int, default=8)
+    p.add_argument("--needle_position", choices=["start", "random"], default="start")
+    p.add_argument("--eval_documents", type=int, default=256)
+    p.add_argument("--work_dir", default="outputs/bench/recall")
+    p.add_argument("--out", default=None, help="default: <work_dir>/recall.json")
+    p.add_argument("--launcher", choices=runs.LAUNCHERS, default="subprocess")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="keep runs whose final checkpoint exists")
+    p.add_argument("--quick", action="store_true", help="distances 0 1 2, 25 steps: about a minute")
+    return p
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        explicit = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
+        for key, value in QUICK.items():
+            if key not in explicit:
+                setattr(args, key, value)
+        if "work_dir" not in explicit:
+            args.work_dir = "outputs/bench/recall-quick"
+    if min(args.distances) < 0:
+        parser.error("--distances must be >= 0")
+    if args.out is None:
+        args.out = str(Path(args.work_dir) / "recall.json")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    run = BenchRun("recall", argv)
+    results = run_recall(args)
+    record = run.record(settings=vars(args), results=results, machine=machine_info("cpu", "fp32"))
+    path = write_json(args.out, record)
+    print(tables(record))
+    print(f"\nWrote {path}")
+    return record

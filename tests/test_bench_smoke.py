@@ -1,0 +1,50 @@
+"""The benchmarks run end to end at tiny sizes and write valid JSON. Not a benchmark: the
+figures here mean nothing; ``python -m hmt_plugin.bench`` is run by hand."""
+
+import json
+
+import pytest
+import torch
+
+from hmt_plugin.bench import recall, speed
+
+
+@pytest.fixture
+def one_thread():
+    # One thread: fast and steady on a busy machine; restored for the tests that follow.
+    before = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(before)
+
+
+def test_speed_and_recall_write_valid_json(tmp_path, one_thread, capsys):
+    speed_json = tmp_path / "speed.json"
+    speed.main(["--tiny", "--lengths", "120", "300", "--full_max_len", "200", "--profile",
+                "always", "--profile_length", "120", "--no_rss", "--out", str(speed_json),
+                *one_thread])
+    record = json.loads(speed_json.read_text())
+    assert record["benchmark"] == "speed" and record["command"].startswith("python -m hmt_plugin.bench speed")
+    assert {"cpu_model", "torch", "device", "dtype"} <= set(record["machine"])
+    assert len(record["load_avg_start"]) == 3 and record["wall_s"] > 0
+    short, long = record["results"]["eval"]
+    for name in ("hmt", "baseline", "full"):
+        assert short[name]["status"] == "ok" and short[name]["tokens_per_s"] > 0
+        assert short[name]["peak_mb"] > 0
+    # One random model, one document: the three reads compute the same kind of NLL.
+    nlls = [short[name]["nll_per_token"] for name in ("hmt", "baseline", "full")]
+    assert max(nlls) - min(nlls) < 0.5
+    assert long["full"]["status"].startswith("skipped") and long["ratio_hmt_over_baseline"] > 0
+    (train,) = record["results"]["train"]
+    assert train["hmt"]["status"] == "ok" and train["baseline"]["peak_mb"] > 0
+    assert record["results"]["profile"]["64"]["hmt"]["phases_s"]
+    assert "(a)/(b) time" in capsys.readouterr().out
+
+    work = tmp_path / "recall"
+    recall.main(["--quick", "--launcher", "inprocess", "--steps", "2", "--batch_size", "4",
+                 "--distances", "0", "1", "--eval_documents", "8", "--work_dir", str(work),
+                 *one_thread])
+    record = json.loads((work / "recall.json").read_text())
+    assert record["benchmark"] == "recall"
+    accuracy = record["results"]["accuracy"]
+    assert set(accuracy) == {"baseline", "rmt", "hmt", "hmt without recall"}
+    assert all(0 <= accuracy[m][d]["accuracy"] <= 1 for m in accuracy for d in ("0", "1"))
