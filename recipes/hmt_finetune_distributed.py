@@ -228,7 +228,12 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
                 f"--nproc_per_node {len(state['dataloader'])} (this run has {self.world_size})."
             )
         self._dataloader.load_state_dict(state["dataloader"][self.rank])
-        torch.set_rng_state(state["rng"][self.rank])
+        rng = state["rng"][self.rank]
+        if torch.is_tensor(rng):  # written before the CUDA generator was saved too
+            rng = {"cpu": rng, "cuda": None}
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and self._device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self._device)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, final: bool = False) -> None:
@@ -241,7 +246,12 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
             loaders = [None] * self.world_size
             rngs = [None] * self.world_size
             dist.all_gather_object(loaders, self._dataloader.state_dict())
-            dist.all_gather_object(rngs, torch.get_rng_state())
+            # CUDA's generator too: dropout on a GPU draws from it, and a resumed run must
+            # draw what the uninterrupted one would have.
+            cuda_rng = None
+            if self._device.type == "cuda":
+                cuda_rng = torch.cuda.get_rng_state(self._device)
+            dist.all_gather_object(rngs, {"cpu": torch.get_rng_state(), "cuda": cuda_rng})
             recipe_state = {
                 "seed": self.seed,
                 "global_step": self.global_step,

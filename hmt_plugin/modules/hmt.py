@@ -218,11 +218,15 @@ class HMT(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, length]; got shape {tuple(tokens.shape)}.")
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-            raise ValueError(f"tokens must be integer token ids; got dtype {tokens.dtype}.")
+            raise ValueError(
+                f"tokens must be integer token ids (torch.long); got dtype {tokens.dtype}."
+            )
         batch, width = tokens.shape
         if labels is not None and labels.shape != tokens.shape:
             raise ValueError(
-                f"labels shape {tuple(labels.shape)} differs from tokens {tuple(tokens.shape)}."
+                f"labels shape {tuple(labels.shape)} differs from tokens {tuple(tokens.shape)}; "
+                "give one label per token, unshifted (normally the tokens themselves, with -100 "
+                "where no loss is wanted)."
             )
         lengths = self._row_lengths(tokens, mask, seq_lens, labels)
         if state is None:
@@ -257,7 +261,8 @@ class HMT(nn.Module):
         elif mask is not None:
             if mask.shape != tokens.shape:
                 raise ValueError(
-                    f"mask shape {tuple(mask.shape)} differs from tokens {tuple(tokens.shape)}."
+                    f"mask shape {tuple(mask.shape)} differs from tokens {tuple(tokens.shape)}; "
+                    "give one True/False per token (or seq_lens)."
                 )
             real = mask.to(torch.bool)
             counts = real.sum(dim=1)
@@ -279,6 +284,11 @@ class HMT(nn.Module):
             checks.append(wrong.any()[None].long())
         checks.append(bad.any()[None].long())
         values = torch.cat(checks).tolist()
+        if values[-1]:
+            raise ValueError(
+                f"tokens hold ids outside the backbone's vocabulary [0, {vocab}); check that the "
+                "tokenizer matches the model (vocab_size) and that padding is masked."
+            )
         if labels is not None and values[-2]:
             found = labels[wrong]
             raise ValueError(
@@ -286,11 +296,6 @@ class HMT(nn.Module):
                 f"mark positions without a target with {CROSS_ENTROPY_IGNORE_IDX} "
                 "(CROSS_ENTROPY_IGNORE_IDX) and check that the labels come from the model's "
                 "tokenizer."
-            )
-        if values[-1]:
-            raise ValueError(
-                f"tokens hold ids outside the backbone's vocabulary [0, {vocab}); check that the "
-                "tokenizer matches the model (vocab_size) and that padding is masked."
             )
         if lengths is None:
             lengths = values[:batch]

@@ -55,11 +55,21 @@ def build_checkpointer(cfg_checkpointer: Any, hmt_checkpoint: Optional[str] = No
 
 def load_backbone(checkpointer: Any) -> Dict[str, torch.Tensor]:
     """The backbone's weights (torchtune keys) from ``checkpointer.load_checkpoint()``; a
-    truncated or damaged weight file is named with the fix (torchtune names only the file)."""
+    truncated or damaged weight file, or one of another architecture, is named with the fix
+    (torchtune names only the file or the key)."""
     try:
         return checkpointer.load_checkpoint()["model"]
-    except ValueError as err:
-        if not str(err).startswith("Unable to load checkpoint"):
+    except Exception as err:
+        if str(err).startswith("Error converting the state dict"):
+            # torchtune's key conversion met a weight the model type does not have.
+            model_type = getattr(getattr(checkpointer, "_model_type", None), "name", "?")
+            raise ValueError(
+                f"{str(err).strip()} The checkpoint is of another architecture than "
+                f"checkpointer.model_type={model_type}: set "
+                "checkpointer.model_type (and `model`) to the architecture in the checkpoint's "
+                "config.json, or point the checkpointer at a checkpoint of this architecture."
+            ) from err
+        if not (isinstance(err, ValueError) and str(err).startswith("Unable to load checkpoint")):
             raise
         cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
         raise ValueError(
@@ -210,7 +220,9 @@ def initial_state_dict(
         if tuple(value.shape) != want:
             raise KeyError(
                 f"{key!r} has shape {tuple(value.shape)} in the checkpoint but {want} in the "
-                "configured model; the checkpoint is for another size."
+                "configured model; the checkpoint is for another size. Set the dimensions in "
+                "`model` to the checkpoint's (see its config.json), or point the checkpointer at "
+                "a checkpoint of this size."
             )
     return full
 

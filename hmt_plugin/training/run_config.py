@@ -36,6 +36,24 @@ def _suggest(key: str, known: Iterable[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
+def _suggest_path(path: str) -> str:
+    """A did-you-mean for a misspelled dotted path, from the names that exist in its longest
+    importable prefix (empty if nothing is close)."""
+    import importlib
+
+    parts = str(path).split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            module = importlib.import_module(".".join(parts[:cut]))
+        except Exception:
+            continue
+        close = difflib.get_close_matches(parts[cut], dir(module), n=1, cutoff=0.6)
+        if close:
+            return f" Did you mean {'.'.join(parts[:cut] + [close[0]] + parts[cut + 1:])!r}?"
+        return ""
+    return ""
+
+
 def check_keys(node: Any, known: Iterable[str], where: str, path_variables: bool = False) -> None:
     known = set(known)
     for key in node.keys():
@@ -62,7 +80,9 @@ def check_component_args(node: Any, where: str) -> None:
         try:
             component = _get_component_from_path(path)
         except Exception as err:
-            raise ConfigError(f"{where}_component_={path!r} cannot be imported ({err}).") from err
+            raise ConfigError(
+                f"{where}_component_={path!r} cannot be imported ({err}).{_suggest_path(path)}"
+            ) from err
         try:
             params = inspect.signature(component).parameters
         except (TypeError, ValueError):
@@ -103,6 +123,13 @@ def validate_finetune_config(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}={value!r} must be an integer >= 1.")
+    for key in ("max_steps_per_epoch", "log_every_n_steps", "save_every_n_steps",
+                "keep_last_n_checkpoints"):
+        # null means "no limit" / "never" / "keep all"; 0 would divide by zero or stop the
+        # run before its first step with a message about something else.
+        value = cfg.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{key}={value!r} must be an integer >= 1, or null.")
     lr = cfg.optimizer.get("lr") if isinstance(cfg.get("optimizer"), DictConfig) else None
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
         # Optimizers compare lr with 0 and fail with a bare TypeError on a string.
