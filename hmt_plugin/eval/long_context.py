@@ -416,10 +416,12 @@ def format_long_context_table(results: Sequence[LongContextResult]) -> str:
             f"{'doc PPL':>8} "
             + " ".join(f"{d.ppl:>14.3f}" if d is not None else f"{'-':>14}" for d in docs)
         )
-    lines.append("")
-    lines.append(f"Peak memory (MB) by T ({', '.join(sorted({r.memory_probe for r in results}))})")
-    lines.append(head)
-    for t in ts:
+    measured = any(s.peak_memory_mb is not None for r in results for s in r.context)
+    if measured:
+        lines.append("")
+        lines.append(f"Peak memory (MB) by T ({', '.join(sorted({r.memory_probe for r in results}))})")
+        lines.append(head)
+    for t in ts if measured else []:
         cells = []
         for r in results:
             s = next((s for s in r.context if s.context_length == t), None)
