@@ -49,16 +49,42 @@ from hmt_plugin.training.run_config import ConfigError, check_component_args, ch
 log = utils.get_logger("INFO")
 
 EVAL_KEYS = {
-    "output_dir", "seed", "device", "dtype", "model", "checkpointer", "hmt_checkpoint",
-    "tokenizer", "modes", "runs", "dataset", "context_lengths", "max_tokens", "document_ppl",
-    "batch_size", "chunk_segments", "memory_probe", "plots", "metric_logger", "lm_eval",
+    "output_dir",
+    "seed",
+    "device",
+    "dtype",
+    "model",
+    "checkpointer",
+    "hmt_checkpoint",
+    "tokenizer",
+    "modes",
+    "runs",
+    "dataset",
+    "context_lengths",
+    "max_tokens",
+    "document_ppl",
+    "batch_size",
+    "chunk_segments",
+    "memory_probe",
+    "plots",
+    "metric_logger",
+    "lm_eval",
     # free variables for interpolation, as in the training configs
-    "run_dir", "backbone_dir", "model_dir",
+    "run_dir",
+    "backbone_dir",
+    "model_dir",
 }
 RUN_KEYS = {"name", "mode", "model", "checkpointer", "hmt_checkpoint"}
 LM_EVAL_KEYS = {
-    "tasks", "include_path", "include_defaults", "limit", "num_fewshot", "metadata",
-    "max_gen_toks", "bootstrap_iters", "refresh_recall",
+    "tasks",
+    "include_path",
+    "include_defaults",
+    "limit",
+    "num_fewshot",
+    "metadata",
+    "max_gen_toks",
+    "bootstrap_iters",
+    "refresh_recall",
 }
 
 
@@ -87,7 +113,9 @@ def plan_runs(cfg: DictConfig) -> List[EvalRun]:
     runs: List[EvalRun] = []
     if cfg.get("runs"):
         if cfg.get("modes"):
-            raise ConfigError("give either `modes` (one checkpoint, several modes) or `runs`, not both.")
+            raise ConfigError(
+                "give either `modes` (one checkpoint, several modes) or `runs`, not both."
+            )
         for i, node in enumerate(cfg.runs):
             where = f"runs[{i}]."
             check_keys(node, RUN_KEYS, where)
@@ -98,7 +126,11 @@ def plan_runs(cfg: DictConfig) -> List[EvalRun]:
                     mode=mode,
                     model=node.get("model") or cfg.get("model"),
                     checkpointer=node.get("checkpointer") or cfg.get("checkpointer"),
-                    hmt_checkpoint=node["hmt_checkpoint"] if "hmt_checkpoint" in node else cfg.get("hmt_checkpoint"),
+                    hmt_checkpoint=(
+                        node["hmt_checkpoint"]
+                        if "hmt_checkpoint" in node
+                        else cfg.get("hmt_checkpoint")
+                    ),
                     where=where,
                 )
             )
@@ -106,14 +138,25 @@ def plan_runs(cfg: DictConfig) -> List[EvalRun]:
         modes = list(cfg.get("modes") or [default_mode])
         for mode in modes:
             runs.append(
-                EvalRun(mode, mode, cfg.get("model"), cfg.get("checkpointer"), cfg.get("hmt_checkpoint"), "")
+                EvalRun(
+                    mode,
+                    mode,
+                    cfg.get("model"),
+                    cfg.get("checkpointer"),
+                    cfg.get("hmt_checkpoint"),
+                    "",
+                )
             )
     for run in runs:
         if run.mode not in MODES:
             field = f"{run.where}mode" if run.where else "modes"
-            raise ConfigError(f"{field}: {run.mode!r} is not an HMT mode; use one of {', '.join(MODES)}.")
+            raise ConfigError(
+                f"{field}: {run.mode!r} is not an HMT mode; use one of {', '.join(MODES)}."
+            )
         if run.model is None or run.checkpointer is None:
-            raise ConfigError(f"{run.where or ''}model and checkpointer are required (top level or per run).")
+            raise ConfigError(
+                f"{run.where or ''}model and checkpointer are required (top level or per run)."
+            )
     labels = [r.label for r in runs]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"run names {labels} repeat; give each run a distinct `name`.")
@@ -124,7 +167,9 @@ def validate_eval_config(cfg: DictConfig) -> None:
     check_keys(cfg, EVAL_KEYS, "")
     for key in ("output_dir", "device", "dtype", "seed", "metric_logger"):
         if cfg.get(key) is None:
-            raise ConfigError(f"the config lacks `{key}`; copy one with `hmt-tune cp tiny/hmt_eval_cpu`.")
+            raise ConfigError(
+                f"the config lacks `{key}`; copy one with `hmt-tune cp tiny/hmt_eval_cpu`."
+            )
     scoring = bool(cfg.get("context_lengths")) or cfg.get("document_ppl", True)
     if scoring:
         if cfg.get("dataset") is None:
@@ -148,7 +193,9 @@ def validate_eval_config(cfg: DictConfig) -> None:
     if cfg.get("lm_eval") is not None:
         check_keys(cfg.lm_eval, LM_EVAL_KEYS, "lm_eval.")
         if not cfg.lm_eval.get("tasks"):
-            raise ConfigError("lm_eval.tasks is empty; name at least one task (or set lm_eval: null).")
+            raise ConfigError(
+                "lm_eval.tasks is empty; name at least one task (or set lm_eval: null)."
+            )
         if cfg.get("tokenizer") is None:
             raise ConfigError("lm_eval tasks are text: the config needs a `tokenizer`.")
     for key in ("model", "tokenizer", "checkpointer", "dataset", "metric_logger"):
@@ -186,9 +233,11 @@ class HMTEvalRecipe:
 
     def _check_documents(self, cfg: DictConfig) -> None:
         """Before any model is loaded: every T must fit some document."""
-        lengths = self._documents.lengths if hasattr(self._documents, "lengths") else [
-            len(d["tokens"]) for d in self._documents
-        ]
+        lengths = (
+            self._documents.lengths
+            if hasattr(self._documents, "lengths")
+            else [len(d["tokens"]) for d in self._documents]
+        )
         longest = int(max(lengths)) if len(lengths) else 0
         max_tokens = cfg.get("max_tokens")
         if max_tokens is not None:
@@ -212,8 +261,13 @@ class HMTEvalRecipe:
                 model = None
                 gc.collect()
                 model = load_hmt_model(
-                    run.model, run.checkpointer, run.hmt_checkpoint,
-                    device=self._device, dtype=self._dtype, seed=self._seed, where=run.where,
+                    run.model,
+                    run.checkpointer,
+                    run.hmt_checkpoint,
+                    device=self._device,
+                    dtype=self._dtype,
+                    seed=self._seed,
+                    where=run.where,
                 )
                 loaded = run.weights()
             self._check_mode(model, run)
@@ -250,7 +304,9 @@ class HMTEvalRecipe:
             model.set_mode(original)
         except HMTConfigError as err:
             field = f"{run.where}mode" if run.where else "modes"
-            raise ConfigError(f"{field}: cannot read this checkpoint in mode {run.mode!r}: {err}") from err
+            raise ConfigError(
+                f"{field}: cannot read this checkpoint in mode {run.mode!r}: {err}"
+            ) from err
 
     def _log_result(self, result: LongContextResult) -> None:
         for s in result.context:
@@ -260,7 +316,9 @@ class HMTEvalRecipe:
                     scalars[f"peak_memory_mb/{result.label}"] = s.peak_memory_mb
                 self._metric_logger.log_dict(scalars, step=s.context_length)
         if result.document is not None:
-            self._metric_logger.log_dict({f"ppl_document/{result.label}": result.document.ppl}, step=0)
+            self._metric_logger.log_dict(
+                {f"ppl_document/{result.label}": result.document.ppl}, step=0
+            )
 
     def _run_lm_eval(self, model, run: EvalRun) -> Dict[str, Any]:
         try:
@@ -294,7 +352,8 @@ class HMTEvalRecipe:
         scores = {task: _numbers(metrics) for task, metrics in out.get("results", {}).items()}
         for task, metrics in scores.items():
             self._metric_logger.log_dict(
-                {f"lm_eval/{run.label}/{task}/{name}": value for name, value in metrics.items()}, step=0
+                {f"lm_eval/{run.label}/{task}/{name}": value for name, value in metrics.items()},
+                step=0,
             )
         try:
             from lm_eval.utils import make_table
@@ -305,7 +364,9 @@ class HMTEvalRecipe:
         return scores
 
     # ------------------------------------------------------------------ report
-    def _report(self, results: List[LongContextResult], lm_eval_results: Dict[str, Any]) -> Dict[str, Any]:
+    def _report(
+        self, results: List[LongContextResult], lm_eval_results: Dict[str, Any]
+    ) -> Dict[str, Any]:
         cfg = self._cfg
         plots = {}
         if results and cfg.get("plots", True):

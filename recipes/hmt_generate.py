@@ -28,10 +28,27 @@ from hmt_plugin.training.run_config import ConfigError, check_component_args, ch
 log = utils.get_logger("INFO")
 
 GENERATE_KEYS = {
-    "output_dir", "seed", "device", "dtype", "model", "checkpointer", "hmt_checkpoint",
-    "tokenizer", "mode", "prompt", "prompt_file", "add_bos", "max_new_tokens", "temperature",
-    "top_k", "stop_at_eos", "refresh_recall", "prefill_chunk_segments",
-    "run_dir", "backbone_dir", "model_dir",
+    "output_dir",
+    "seed",
+    "device",
+    "dtype",
+    "model",
+    "checkpointer",
+    "hmt_checkpoint",
+    "tokenizer",
+    "mode",
+    "prompt",
+    "prompt_file",
+    "add_bos",
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "stop_at_eos",
+    "refresh_recall",
+    "prefill_chunk_segments",
+    "run_dir",
+    "backbone_dir",
+    "model_dir",
 }
 
 
@@ -39,14 +56,20 @@ def validate_generate_config(cfg: DictConfig) -> None:
     check_keys(cfg, GENERATE_KEYS, "")
     for key in ("output_dir", "device", "dtype", "seed", "model", "checkpointer", "tokenizer"):
         if cfg.get(key) is None:
-            raise ConfigError(f"the config lacks `{key}`; copy one with `hmt-tune cp tiny/hmt_generate_cpu`.")
+            raise ConfigError(
+                f"the config lacks `{key}`; copy one with `hmt-tune cp tiny/hmt_generate_cpu`."
+            )
     if cfg.get("prompt_file") is None and not cfg.get("prompt"):
-        raise ConfigError("prompt is empty: set `prompt` to some text or `prompt_file` to a text file.")
+        raise ConfigError(
+            "prompt is empty: set `prompt` to some text or `prompt_file` to a text file."
+        )
     if cfg.get("prompt_file") is not None and not Path(cfg.prompt_file).is_file():
         raise ConfigError(f"prompt_file={cfg.prompt_file!r} does not exist.")
     mode = cfg.get("mode")
     if mode is not None and mode not in MODES:
-        raise ConfigError(f"mode={mode!r} is not an HMT mode; use one of {', '.join(MODES)} (or null).")
+        raise ConfigError(
+            f"mode={mode!r} is not an HMT mode; use one of {', '.join(MODES)} (or null)."
+        )
     n = cfg.get("max_new_tokens")
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"max_new_tokens={n!r} must be an integer >= 1.")
@@ -89,7 +112,9 @@ class TextStream:
 
 
 class HMTGenerateRecipe:
-    """Reads a prompt and generates with an HMT model. See ``configs/tiny/hmt_generate_cpu.yaml``."""
+    """Reads a prompt and generates with an HMT model.
+
+    See ``configs/tiny/hmt_generate_cpu.yaml`` for every option."""
 
     def __init__(self, cfg: DictConfig) -> None:
         validate_generate_config(cfg)
@@ -101,8 +126,12 @@ class HMTGenerateRecipe:
     def setup(self, cfg: DictConfig) -> None:
         self._tokenizer = config.instantiate(cfg.tokenizer)
         self._model = load_hmt_model(
-            cfg.model, cfg.checkpointer, cfg.get("hmt_checkpoint"),
-            device=self._device, dtype=self._dtype, seed=self._seed,
+            cfg.model,
+            cfg.checkpointer,
+            cfg.get("hmt_checkpoint"),
+            device=self._device,
+            dtype=self._dtype,
+            seed=self._seed,
         )
         if cfg.get("mode") is not None:
             try:
@@ -118,7 +147,11 @@ class HMTGenerateRecipe:
 
     def _prompt_ids(self) -> List[int]:
         cfg = self._cfg
-        text = Path(cfg.prompt_file).read_text(encoding="utf-8") if cfg.get("prompt_file") else cfg.prompt
+        text = (
+            Path(cfg.prompt_file).read_text(encoding="utf-8")
+            if cfg.get("prompt_file")
+            else cfg.prompt
+        )
         ids = list(self._tokenizer.encode(text, add_bos=cfg.get("add_bos", True), add_eos=False))
         if not ids:
             raise ConfigError("the prompt encodes to no tokens; give some text (or add_bos: true).")
@@ -168,7 +201,8 @@ class HMTGenerateRecipe:
             "tokens_per_second": out.tokens.shape[1] / seconds if seconds > 0 else None,
         }
         log.info(
-            f"{len(tokens)} tokens in {seconds:.2f}s ({report['tokens_per_second'] or 0:.1f} tokens/s); "
+            f"{len(tokens)} tokens in {seconds:.2f}s "
+            f"({report['tokens_per_second'] or 0:.1f} tokens/s); "
             f"prompt read in {t_prompt:.2f}s; {report['segments_read']} segments read in all"
         )
         path = Path(cfg.output_dir)

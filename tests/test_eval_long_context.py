@@ -53,7 +53,13 @@ def test_one_pass_equals_reading_each_context_length_alone(model, mode):
     documents = docs([300, 150, 90, 200])
     ts = [20, 54, 100, 180]  # 54 = 3 whole hmt segments
     got = evaluate_long_context(
-        model, documents, context_lengths=ts, mode=mode, batch_size=3, chunk_segments=2, memory="none"
+        model,
+        documents,
+        context_lengths=ts,
+        mode=mode,
+        batch_size=3,
+        chunk_segments=2,
+        memory="none",
     )
     assert model.config.mode == "hmt"  # restored
     model.set_mode(mode)
@@ -63,16 +69,27 @@ def test_one_pass_equals_reading_each_context_length_alone(model, mode):
             assert score.tokens == count
             assert score.nll == pytest.approx(nll, rel=1e-5)
         with torch.no_grad():
-            whole = [model(torch.tensor([d]), labels=torch.tensor([d]), logits="none").nll[0] for d in documents]
+            whole = [
+                model(torch.tensor([d]), labels=torch.tensor([d]), logits="none").nll[0]
+                for d in documents
+            ]
     finally:
         model.set_mode("hmt")
     assert [s.skipped for s in got.context] == [0, 0, 1, 2]
     assert [s.documents for s in got.context] == [4, 4, 3, 2]
     assert got.document.tokens == sum(len(d) - 1 for d in documents)
-    assert got.document.nll == pytest.approx(float(sum(w.sum() for w in whole)) / got.document.tokens, rel=1e-5)
+    assert got.document.nll == pytest.approx(
+        float(sum(w.sum() for w in whole)) / got.document.tokens, rel=1e-5
+    )
     # Batching and chunking do not change the numbers.
     alone = evaluate_long_context(
-        model, documents, context_lengths=ts, mode=mode, batch_size=1, chunk_segments=5, memory="none"
+        model,
+        documents,
+        context_lengths=ts,
+        mode=mode,
+        batch_size=1,
+        chunk_segments=5,
+        memory="none",
     )
     for a, b in zip(alone.context, got.context):
         assert a.nll == pytest.approx(b.nll, rel=1e-5)
@@ -95,15 +112,23 @@ def test_labelled_documents_are_scored_on_their_labels(model):
         None, num_documents=4, tokens_per_segment=18, distance_segments=2, vocab_size=256, seed=0
     )
     got = evaluate_long_context(model, documents, context_lengths=[54], memory="none")
-    answered = sum(int((documents.document_labels(i)[1:] != -100).sum()) for i in range(len(documents)))
-    assert got.document.tokens == answered < sum(len(documents.document_tokens(i)) - 1 for i in range(4))
+    answered = sum(
+        int((documents.document_labels(i)[1:] != -100).sum()) for i in range(len(documents))
+    )
+    assert (
+        got.document.tokens
+        == answered
+        < sum(len(documents.document_tokens(i)) - 1 for i in range(4))
+    )
 
 
 def test_peak_memory_stays_flat_as_context_grows(model):
     block = model.config.tokens_per_segment
     documents = docs([24 * block], seed=3)
     ts = [6 * block, 12 * block, 24 * block]
-    got = evaluate_long_context(model, documents, context_lengths=ts, chunk_segments=2, memory="tensor_bytes")
+    got = evaluate_long_context(
+        model, documents, context_lengths=ts, chunk_segments=2, memory="tensor_bytes"
+    )
     peaks = [s.peak_memory_mb for s in got.context]
     assert all(p > 0 for p in peaks)
     assert peaks[-1] <= 1.02 * peaks[0]  # 4x the context, the same memory
@@ -153,7 +178,10 @@ def test_table_and_plots(model, tmp_path):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(context_lengths=[500]), r"context_lengths \[500\] exceed the longest document \(300 tokens\)"),
+        (
+            dict(context_lengths=[500]),
+            r"context_lengths \[500\] exceed the longest document \(300 tokens\)",
+        ),
         (dict(context_lengths=[100], max_tokens=50), r"cut to max_tokens=50"),
         (dict(context_lengths=[]), "context_lengths is empty"),
         (dict(context_lengths=[1]), "integer >= 2"),

@@ -45,13 +45,21 @@ def eval_assets(root: Path):
 
 
 def model_node(**overrides):
-    return {"_component_": "hmt_plugin.models.hmt_tiny", "max_seq_len": 64, "mode": "hmt",
-            **HMT_SETTINGS, **overrides}
+    return {
+        "_component_": "hmt_plugin.models.hmt_tiny",
+        "max_seq_len": 64,
+        "mode": "hmt",
+        **HMT_SETTINGS,
+        **overrides,
+    }
 
 
 def tiny_checkpointer(assets, out):
-    return {"_component_": "hmt_plugin.checkpointing.tiny_llama_checkpointer",
-            "checkpoint_dir": str(assets["backbone"]), "output_dir": str(out)}
+    return {
+        "_component_": "hmt_plugin.checkpointing.tiny_llama_checkpointer",
+        "checkpoint_dir": str(assets["backbone"]),
+        "output_dir": str(out),
+    }
 
 
 def eval_config(assets, out: Path, **overrides):
@@ -99,7 +107,12 @@ def _scalars(log_dir: Path):
         acc.Reload()
         for tag in acc.Tags()["tensors"] + acc.Tags()["scalars"]:
             items = acc.Tensors(tag) if tag in acc.Tags()["tensors"] else acc.Scalars(tag)
-            out[tag] = {e.step: (float(e.tensor_proto.float_val[0]) if hasattr(e, "tensor_proto") else e.value) for e in items}
+            out[tag] = {
+                e.step: (
+                    float(e.tensor_proto.float_val[0]) if hasattr(e, "tensor_proto") else e.value
+                )
+                for e in items
+            }
     return out
 
 
@@ -113,7 +126,9 @@ def test_eval_recipe_writes_results_plots_and_tensorboard(assets, tmp_path):
     assert report["memory_probe"]["name"] == "tensor_bytes"
     for label, run in report["runs"].items():
         assert [s["context_length"] for s in run["context"]] == [30, 100, 300]
-        assert all(s["tokens"] > 0 and s["ppl"] > 1 and s["peak_memory_mb"] > 0 for s in run["context"])
+        assert all(
+            s["tokens"] > 0 and s["ppl"] > 1 and s["peak_memory_mb"] > 0 for s in run["context"]
+        )
         assert run["document"]["documents"] == 3 and run["document"]["ppl"] > 1
     assert report["runs"]["hmt"]["recall_distance"] and not report["runs"]["rmt"]["recall_distance"]
     assert report["runs"]["baseline"]["tokens_per_segment"] == 24
@@ -144,13 +159,20 @@ def test_runs_of_different_checkpoints_and_lm_eval_tasks(assets, tmp_path):
         context_lengths=[50, 200],
         document_ppl=False,
         plots=False,
-        lm_eval={"tasks": ["tiny_mc"], "include_path": str(tasks),
-                 "include_defaults": False, "limit": 2},
+        lm_eval={
+            "tasks": ["tiny_mc"],
+            "include_path": str(tasks),
+            "include_defaults": False,
+            "limit": 2,
+        },
     )
     report = run_in_process(cfg)
     assert list(report["runs"]) == ["backbone", "trained"]
     for run in report["runs"].values():
-        assert run["document"] is None and [s["context_length"] for s in run["context"]] == [50, 200]
+        assert run["document"] is None and [s["context_length"] for s in run["context"]] == [
+            50,
+            200,
+        ]
         assert 0 <= run["lm_eval"]["tiny_mc"]["acc,none"] <= 1
     assert report["runs"]["backbone"]["tokens_per_segment"] == 24
     assert report["runs"]["trained"]["tokens_per_segment"] == 18
@@ -163,9 +185,18 @@ def test_lm_eval_only(assets, tmp_path):
 
     tasks = _write_tasks(tmp_path)
     cfg = eval_config(
-        assets, tmp_path / "only", modes=["hmt"], context_lengths=None, document_ppl=False,
+        assets,
+        tmp_path / "only",
+        modes=["hmt"],
+        context_lengths=None,
+        document_ppl=False,
         dataset=None,
-        lm_eval={"tasks": ["tiny_text"], "include_path": str(tasks), "include_defaults": False, "limit": 2},
+        lm_eval={
+            "tasks": ["tiny_text"],
+            "include_path": str(tasks),
+            "include_defaults": False,
+            "limit": 2,
+        },
     )
     report = run_in_process(cfg)
     assert report["runs"]["hmt"]["lm_eval"]["tiny_text"]["word_perplexity,none"] > 1
@@ -175,14 +206,23 @@ def test_lm_eval_only(assets, tmp_path):
     "overrides,match",
     [
         ({"modes": ["hmt", "bogus"]}, r"modes: 'bogus' is not an HMT mode"),
-        ({"context_lengths": [100, 5000]}, r"context_lengths \[5000\] exceed the longest document \(300 tokens, max_tokens=300\)"),
+        (
+            {"context_lengths": [100, 5000]},
+            r"context_lengths \[5000\] exceed the longest document \(300 tokens, max_tokens=300\)",
+        ),
         ({"context_lengths": [0]}, r"integer >= 2"),
         ({"context_length": [10]}, r"Did you mean 'context_lengths'"),
         ({"runs": [{"mode": "hmt"}]}, r"either `modes`"),
         ({"modes": None, "runs": [{"mode": "rmt"}, {"mode": "rmt"}]}, r"repeat"),
-        ({"modes": None, "runs": [{"mode": "hmt", "checkpoint": "x"}]}, r"unknown config key runs\[0\]\.'checkpoint'"),
+        (
+            {"modes": None, "runs": [{"mode": "hmt", "checkpoint": "x"}]},
+            r"unknown config key runs\[0\]\.'checkpoint'",
+        ),
         ({"hmt_checkpoint": "/no/such/dir"}, r"hmt_checkpoint='/no/such/dir' does not exist"),
-        ({"model.segment_length": 32}, r"model.segment_length=32 but the checkpoint .* was trained with segment_length=24"),
+        (
+            {"model.segment_length": 32},
+            r"model.segment_length=32 but the checkpoint .* was trained with segment_length=24",
+        ),
         ({"lm_eval": {"tasks": []}}, r"lm_eval.tasks is empty"),
         ({"memory_probe": "vram"}, r"memory_probe='vram'"),
     ],
@@ -195,8 +235,12 @@ def test_bad_configs_are_named(assets, tmp_path, overrides, match):
 
 def test_missing_backbone_directory_is_named(assets, tmp_path):
     cfg = eval_config(assets, tmp_path / "bad")
-    cfg.checkpointer = {"_component_": "torchtune.training.FullModelHFCheckpointer",
-                        "checkpoint_dir": str(tmp_path / "nowhere"), "checkpoint_files": ["model.safetensors"],
-                        "model_type": "LLAMA3", "output_dir": str(tmp_path)}
+    cfg.checkpointer = {
+        "_component_": "torchtune.training.FullModelHFCheckpointer",
+        "checkpoint_dir": str(tmp_path / "nowhere"),
+        "checkpoint_files": ["model.safetensors"],
+        "model_type": "LLAMA3",
+        "output_dir": str(tmp_path),
+    }
     with pytest.raises(ConfigError, match=r"checkpointer.checkpoint_dir=.*nowhere' does not exist"):
         run_in_process(cfg)

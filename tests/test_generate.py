@@ -208,9 +208,15 @@ class _HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
         bool_index = name.startswith("aten.index.Tensor") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else [])
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (args[1] if len(args) > 1 else [])
         )
-        if "_local_scalar_dense" in name or "nonzero" in name or "masked_select" in name or bool_index:
+        if (
+            "_local_scalar_dense" in name
+            or "nonzero" in name
+            or "masked_select" in name
+            or bool_index
+        ):
             self.ops.append(name)
         return func(*args, **(kwargs or {}))
 

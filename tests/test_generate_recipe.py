@@ -72,8 +72,14 @@ def test_generate_recipe_streams_text_past_segment_boundaries(assets, tmp_path, 
 
     # The recipe's tokens are the generator's greedy tokens on the same weights.
     cfg = generate_config(assets, out)
-    model = load_hmt_model(cfg.model, cfg.checkpointer, cfg.hmt_checkpoint,
-                           device=torch.device("cpu"), dtype=torch.float32, seed=0)
+    model = load_hmt_model(
+        cfg.model,
+        cfg.checkpointer,
+        cfg.hmt_checkpoint,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        seed=0,
+    )
     tokenizer = llama2_tokenizer(str(assets["tokenizer"]))
     prompt = tokenizer.encode(PROMPT, add_bos=True, add_eos=False)
     want = HMTGenerator(model).generate(prompt, 41).sequences()[0]
@@ -97,8 +103,15 @@ def test_sampling_mode_and_prompt_file(assets, tmp_path):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text(" ".join([PROMPT] * 4))
     report = run_in_process(
-        generate_config(assets, tmp_path / "s", prompt_file=str(prompt_file), mode="rmt",
-                        temperature=0.9, top_k=20, max_new_tokens=25)
+        generate_config(
+            assets,
+            tmp_path / "s",
+            prompt_file=str(prompt_file),
+            mode="rmt",
+            temperature=0.9,
+            top_k=20,
+            max_new_tokens=25,
+        )
     )
     assert report["mode"] == "rmt" and report["generated_tokens"] == 25
     assert report["prompt_tokens"] > 2 * 22
@@ -108,7 +121,10 @@ def test_sampling_mode_and_prompt_file(assets, tmp_path):
     "overrides,match",
     [
         ({"prompt": ""}, "prompt is empty"),
-        ({"prompt_file": "/no/such/prompt.txt"}, "prompt_file='/no/such/prompt.txt' does not exist"),
+        (
+            {"prompt_file": "/no/such/prompt.txt"},
+            "prompt_file='/no/such/prompt.txt' does not exist",
+        ),
         ({"mode": "memoryless"}, "mode='memoryless' is not an HMT mode"),
         ({"max_new_tokens": 0}, "max_new_tokens=0"),
         ({"temperature": -1}, "temperature=-1"),

@@ -29,7 +29,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return llama2_tokenizer(str(write_sentencepiece(tmp_path_factory.mktemp("tok"), vocab_size=256)))
+    return llama2_tokenizer(
+        str(write_sentencepiece(tmp_path_factory.mktemp("tok"), vocab_size=256))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,11 @@ def _write_tasks(root):
     data.mkdir()
     sentences = [s.strip() for s in TEXT.split(".") if s.strip()]
     mc = [
-        {"question": s.rsplit(" ", 1)[0], "choices": [" " + s.rsplit(" ", 1)[1], " fox", " step"], "answer": 0}
+        {
+            "question": s.rsplit(" ", 1)[0],
+            "choices": [" " + s.rsplit(" ", 1)[1], " fox", " step"],
+            "answer": 0,
+        }
         for s in sentences
     ]
     gen = [{"prompt": s.rsplit(" ", 1)[0], "target": " " + s.rsplit(" ", 1)[1]} for s in sentences]

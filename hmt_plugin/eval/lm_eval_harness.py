@@ -108,7 +108,9 @@ class HMTEvalWrapper(LM):
     def tok_encode(self, text: str, bos: bool = True) -> List[int]:
         ids = list(self.tokenizer.encode(text, add_bos=bos, add_eos=False))
         if bos and (not ids or ids[0] != self.prefix_token_id):
-            ids = [self.prefix_token_id] + ids  # tokenizers without BOS: start like an empty context
+            ids = [
+                self.prefix_token_id
+            ] + ids  # tokenizers without BOS: start like an empty context
         return ids
 
     def tok_decode(self, ids: Sequence[int]) -> str:
@@ -149,7 +151,9 @@ class HMTEvalWrapper(LM):
         self._prefix_states[key] = state
         return state
 
-    def _loglikelihood_tokens(self, context: List[int], continuation: List[int]) -> Tuple[float, bool]:
+    def _loglikelihood_tokens(
+        self, context: List[int], continuation: List[int]
+    ) -> Tuple[float, bool]:
         tokens = context + continuation
         start = len(context)  # first continuation position, >= 1
         block = self.model.config.tokens_per_segment

@@ -211,7 +211,9 @@ def evaluate_long_context(
     with reading_mode(model, mode):
         cfg = model.config
         scorer = _Scorer(model, ts, chunk_segments * cfg.tokens_per_segment, document_ppl, probe)
-        rows = [i for i, (t, _) in enumerate(docs) if len(t) >= 2 and (document_ppl or len(t) >= ts[0])]
+        rows = [
+            i for i, (t, _) in enumerate(docs) if len(t) >= 2 and (document_ppl or len(t) >= ts[0])
+        ]
         start = time.perf_counter()
         bar = tqdm(total=len(rows), desc=f"{label or cfg.mode}", disable=not progress)
         for lo in range(0, len(rows), batch_size):
@@ -226,7 +228,9 @@ def evaluate_long_context(
 class _Scorer:
     """Accumulates the sums of :func:`evaluate_long_context` over batches of documents."""
 
-    def __init__(self, model: HMT, ts: List[int], chunk: int, document_ppl: bool, probe: MemoryProbe):
+    def __init__(
+        self, model: HMT, ts: List[int], chunk: int, document_ppl: bool, probe: MemoryProbe
+    ):
         self.model = model
         self.cfg = model.config
         self.block = self.cfg.tokens_per_segment
@@ -307,7 +311,8 @@ class _Scorer:
                 dist = out.recall_distance(self.cfg.num_memory_tokens)
                 n_seg = dist.shape[1]
                 real = torch.tensor(
-                    [[n * self.block < s for n in range(n_seg)] for s in seq_lens], device=dist.device
+                    [[n * self.block < s for n in range(n_seg)] for s in seq_lens],
+                    device=dist.device,
                 )
                 self.distances.append(dist[real])
             # Drop this call's outputs before the next call runs, or both are alive at once.
@@ -419,7 +424,9 @@ def format_long_context_table(results: Sequence[LongContextResult]) -> str:
     measured = any(s.peak_memory_mb is not None for r in results for s in r.context)
     if measured:
         lines.append("")
-        lines.append(f"Peak memory (MB) by T ({', '.join(sorted({r.memory_probe for r in results}))})")
+        lines.append(
+            f"Peak memory (MB) by T ({', '.join(sorted({r.memory_probe for r in results}))})"
+        )
         lines.append(head)
     for t in ts if measured else []:
         cells = []
@@ -428,7 +435,11 @@ def format_long_context_table(results: Sequence[LongContextResult]) -> str:
             mb = None if s is None else s.peak_memory_mb
             cells.append(f"{mb:>14.2f}" if mb is not None else f"{'-':>14}")
         lines.append(f"{t:>8} " + " ".join(cells))
-    skipped = [f"T={s.context_length}: {s.skipped}" for s in results[0].context if s.skipped] if results else []
+    skipped = (
+        [f"T={s.context_length}: {s.skipped}" for s in results[0].context if s.skipped]
+        if results
+        else []
+    )
     if skipped:
         lines.append("")
         lines.append("Documents skipped (shorter than T): " + ", ".join(skipped))

@@ -18,7 +18,14 @@ log = utils.get_logger("INFO")
 
 # Settings that change what a checkpoint's weights mean: a model read with other values
 # computes something the checkpoint was not trained for.
-_MUST_MATCH = ("segment_length", "num_memory_tokens", "num_sensory", "sum_fraction", "recall_hidden_dim", "score_scale")
+_MUST_MATCH = (
+    "segment_length",
+    "num_memory_tokens",
+    "num_sensory",
+    "sum_fraction",
+    "recall_hidden_dim",
+    "score_scale",
+)
 
 
 def load_hmt_model(
@@ -43,7 +50,11 @@ def load_hmt_model(
         raise ConfigError(f"{where}`model` and `checkpointer` are required to build the model.")
     directory = checkpointer_cfg.get("checkpoint_dir")
     component = str(checkpointer_cfg.get("_component_", ""))
-    if directory is not None and not Path(directory).is_dir() and not component.endswith("tiny_llama_checkpointer"):
+    if (
+        directory is not None
+        and not Path(directory).is_dir()
+        and not component.endswith("tiny_llama_checkpointer")
+    ):
         raise ConfigError(
             f"{where}checkpointer.checkpoint_dir={directory!r} does not exist. Point it at the "
             "backbone's checkpoint directory (a downloaded model, or a training run's "
@@ -58,7 +69,10 @@ def load_hmt_model(
     with training.set_default_dtype(dtype), device:
         model = config.instantiate(model_cfg)
     if not isinstance(model, HMT):
-        raise ConfigError(f"{where}model must build an HMT model (hmt_plugin.models.*); got {type(model).__name__}.")
+        raise ConfigError(
+            f"{where}model must build an HMT model (hmt_plugin.models.*); "
+            f"got {type(model).__name__}."
+        )
     if hmt_checkpoint is not None:
         _check_settings(model, Path(hmt_checkpoint), where)
     checkpointer = config.instantiate(checkpointer_cfg)
@@ -91,7 +105,9 @@ def _check_settings(model: HMT, directory: Path, where: str) -> None:
                 "with the settings they were trained with)."
             )
     for field in dataclasses.fields(ours):
-        if field.name not in _MUST_MATCH + ("mode",) and getattr(ours, field.name) != getattr(saved, field.name):
+        if field.name not in _MUST_MATCH + ("mode",) and getattr(ours, field.name) != getattr(
+            saved, field.name
+        ):
             log.info(
                 f"{where}model.{field.name}={getattr(ours, field.name)!r} (trained with "
                 f"{getattr(saved, field.name)!r})."

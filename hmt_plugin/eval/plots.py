@@ -39,7 +39,11 @@ def plot_ppl_vs_context(results: Sequence[LongContextResult], path: Path) -> Opt
     if has_memory:
         ax = axes[1][0]
         for r in scored:
-            points = [(s.context_length, s.peak_memory_mb) for s in r.context if s.peak_memory_mb is not None]
+            points = [
+                (s.context_length, s.peak_memory_mb)
+                for s in r.context
+                if s.peak_memory_mb is not None
+            ]
             if points:
                 ax.plot(*zip(*points), marker="o", label=r.label)
         ax.set_xscale("log")

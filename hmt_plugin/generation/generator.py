@@ -250,9 +250,7 @@ class HMTGenerator:
             if all(stopped):
                 break
         tokens = (
-            torch.stack(produced, dim=1).cpu()
-            if produced
-            else torch.zeros(b, 0, dtype=torch.long)
+            torch.stack(produced, dim=1).cpu() if produced else torch.zeros(b, 0, dtype=torch.long)
         )
         return GenerationOutput(tokens=tokens, lengths=lengths, stopped=stopped)
 
@@ -266,7 +264,11 @@ class HMTGenerator:
         cfg = self.model.config
         self._cfg = cfg
         self._batch = batch
-        if self._caches is None or self._caches.batch_size != batch or self._caches.length != cfg.segment_length:
+        if (
+            self._caches is None
+            or self._caches.batch_size != batch
+            or self._caches.length != cfg.segment_length
+        ):
             self._caches = SegmentCaches(self.decoder, batch, cfg.segment_length)
         self._caches.reset()
         self._block = cfg.tokens_per_segment
@@ -282,7 +284,9 @@ class HMTGenerator:
 
     def _require_document(self) -> None:
         if self._cfg is None:
-            raise RuntimeError("no document yet: call prefill(prompt) or generate(prompt, ...) first.")
+            raise RuntimeError(
+                "no document yet: call prefill(prompt) or generate(prompt, ...) first."
+            )
         if self.model.config != self._cfg:
             raise RuntimeError(
                 f"the model's settings changed since the prompt was read (mode "
@@ -305,7 +309,9 @@ class HMTGenerator:
         if ids.dim() == 1:
             ids = ids[None]
         if ids.dim() != 2:
-            raise ValueError(f"{name} must be [length] or [batch, length]; got shape {tuple(ids.shape)}.")
+            raise ValueError(
+                f"{name} must be [length] or [batch, length]; got shape {tuple(ids.shape)}."
+            )
         if ids.shape[1] == 0 or ids.shape[0] == 0:
             raise ValueError(
                 f"{name} is empty: give at least one token (e.g. the tokenizer's BOS id)."

@@ -50,8 +50,12 @@ class SegmentKVCache(nn.Module):
     ) -> None:
         super().__init__()
         shape = (batch_size, num_kv_heads, length, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer(
+            "k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False
+        )
+        self.register_buffer(
+            "v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False
+        )
         self.batch_size = batch_size
         self.length = length
         self.filled = 0
@@ -99,7 +103,12 @@ class SegmentCaches:
             attn = layer.attn
             self.caches.append(
                 SegmentKVCache(
-                    batch_size, length, attn.num_kv_heads, attn.head_dim, weight.dtype, weight.device
+                    batch_size,
+                    length,
+                    attn.num_kv_heads,
+                    attn.head_dim,
+                    weight.dtype,
+                    weight.device,
                 )
             )
         # causal[i, j]: position i may attend to position j. Rows are sliced per pass.
