@@ -94,8 +94,12 @@ def test_same_config_and_seed_give_identical_losses(reference, tmp_path):
 
 # ----------------------------------------------------------------------------- checkpoints
 def test_latest_checkpoint_takes_only_complete_ones(tmp_path):
-    for name, complete in [("step_0000002", True), ("step_0000004", False),
-                           (".step_0000006.partial", False), ("step_0000003", True)]:
+    for name, complete in [
+        ("step_0000002", True),
+        ("step_0000004", False),
+        (".step_0000006.partial", False),
+        ("step_0000003", True),
+    ]:
         (tmp_path / name).mkdir()
         if complete:
             (tmp_path / name / COMPLETE_MARKER).write_text("{}")
@@ -109,7 +113,9 @@ class Crash(Exception):
     """What a bug, or a failing file system, raises in the middle of torchtune's save."""
 
 
-def test_exception_inside_torchtunes_save_keeps_the_previous_checkpoint(reference, tmp_path, monkeypatch):
+def test_exception_inside_torchtunes_save_keeps_the_previous_checkpoint(
+    reference, tmp_path, monkeypatch
+):
     original = tt_checkpointer.FullModelHFCheckpointer.save_checkpoint
     calls = []
 
@@ -119,7 +125,9 @@ def test_exception_inside_torchtunes_save_keeps_the_previous_checkpoint(referenc
         if len(calls) == 2:
             raise Crash("the save of step 4 died half way")  # ...and the rest never is
 
-    monkeypatch.setattr(tt_checkpointer.FullModelHFCheckpointer, "save_checkpoint", crash_on_second_save)
+    monkeypatch.setattr(
+        tt_checkpointer.FullModelHFCheckpointer, "save_checkpoint", crash_on_second_save
+    )
     out = tmp_path / "run"
     with pytest.raises(Crash):
         run_in_process(SINGLE, demo_config(out))
@@ -170,8 +178,16 @@ def test_disk_full_while_saving(reference, tmp_path, monkeypatch, where):
     err = info.value
     assert isinstance(err, ckpt.CheckpointError) and err.errno == errno.ENOSPC
     message = str(err)
-    for part in ("no space left", "'step_0000004'", str(out), "partial write was removed",
-                 str(out / "step_0000002"), "is intact", "Free space", "resume_from_checkpoint=True"):
+    for part in (
+        "no space left",
+        "'step_0000004'",
+        str(out),
+        "partial write was removed",
+        str(out / "step_0000002"),
+        "is intact",
+        "Free space",
+        "resume_from_checkpoint=True",
+    ):
         assert part in message, (part, message)
 
     no_partials(out)
@@ -255,7 +271,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     start = time.time()
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended before {path} appeared:\n{proc.stderr.read()[-3000:]}")
+            raise AssertionError(
+                f"the run ended before {path} appeared:\n{proc.stderr.read()[-3000:]}"
+            )
         if time.time() - start > timeout:
             os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError(f"{path} did not appear within {timeout}s")
@@ -281,8 +299,13 @@ def _run_in_child(tmp_path: Path, cfg: Path, patch: str = "") -> subprocess.Pope
         """)
     )
     return subprocess.Popen(
-        [sys.executable, str(script)], cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [sys.executable, str(script)],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 
@@ -295,7 +318,10 @@ def test_sigkill_during_a_checkpoint_write(reference, tmp_path):
     mid_write = tmp_path / "mid_write"
     # The HMT-file writer of the child pauses (for good) once it has written step 4's HMT
     # weights: the kill then lands at a known point of the write.
-    proc = _run_in_child(tmp_path, cfg, patch=f"""
+    proc = _run_in_child(
+        tmp_path,
+        cfg,
+        patch=f"""
         import time
         from pathlib import Path
         import hmt_plugin.training.checkpoints as ckpt
@@ -310,7 +336,8 @@ def test_sigkill_during_a_checkpoint_write(reference, tmp_path):
             return path
 
         ckpt.save_hmt_checkpoint = paused
-    """)
+    """,
+    )
     _wait_for(mid_write, proc)
     _sigkill(proc)
 
@@ -350,7 +377,10 @@ def test_sigkill_at_a_random_step_then_resume(reference, tmp_path):
     run_in_process(SINGLE, demo_config(out, resume_from_checkpoint=resumed_from is not None))
     got, expected = read_metrics(out / "logs"), read_metrics(reference / "logs")
     assert sorted(got) == STEPS, (k, resumed_from)
-    assert [got[s]["loss"] for s in STEPS] == [expected[s]["loss"] for s in STEPS], (k, resumed_from)
+    assert [got[s]["loss"] for s in STEPS] == [expected[s]["loss"] for s in STEPS], (
+        k,
+        resumed_from,
+    )
     assert_same_weights(out / "final", reference / "final")
 
 
@@ -380,13 +410,28 @@ def _workers(pid: int):
 
 def _start_two_ranks(tmp_path: Path, timeout_s: int):
     out = tmp_path / "run"
-    cfg = demo_config(out, batch_size=2, max_steps_per_epoch=40, save_every_n_steps=2,
-                      distributed_timeout_s=timeout_s)
+    cfg = demo_config(
+        out,
+        batch_size=2,
+        max_steps_per_epoch=40,
+        save_every_n_steps=2,
+        distributed_timeout_s=timeout_s,
+    )
     log = tmp_path / "torchrun.log"
     proc = subprocess.Popen(
-        [*HMT_TUNE, "run", "--nproc_per_node", "2", "hmt_finetune_distributed",
-         "--config", str(write_config(cfg, tmp_path / "cfg.yaml"))],
-        env=env(), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            *HMT_TUNE,
+            "run",
+            "--nproc_per_node",
+            "2",
+            "hmt_finetune_distributed",
+            "--config",
+            str(write_config(cfg, tmp_path / "cfg.yaml")),
+        ],
+        env=env(),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     start = time.time()
     while not (out / "step_0000002" / COMPLETE_MARKER).exists():
@@ -444,7 +489,9 @@ def test_stalled_rank_fails_the_survivor_after_the_timeout(tmp_path):
     text = log.read_text()
     assert proc.returncode != 0
     assert waited < 90
-    assert re.search(r"rank 0 of 2: a collective operation with the other ranks failed after "
-                     r"step \d+ \(", text), text[-3000:]
+    assert re.search(
+        r"rank 0 of 2: a collective operation with the other ranks failed after " r"step \d+ \(",
+        text,
+    ), text[-3000:]
     assert "distributed_timeout_s=5" in text and "resume_from_checkpoint=True" in text
     assert_loadable(latest_checkpoint(out))

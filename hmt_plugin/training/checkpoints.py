@@ -93,7 +93,9 @@ def resume_settings(cfg: Any, hmt_config: HMTConfig, world_size: int) -> Dict[st
     out = {}
     for key in RESUME_SETTINGS:
         value = cfg.get(key)
-        out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        out[key] = value
     out["hmt"] = hmt_config.to_dict()
     out["world_size"] = world_size
     return out
@@ -132,7 +134,9 @@ def check_resume(state: Dict[str, Any], current: Dict[str, Any], checkpoint: os.
 def _first_non_finite(parts: Dict[str, Optional[Dict[str, torch.Tensor]]]) -> Optional[str]:
     for part, tensors in parts.items():
         for key, value in (tensors or {}).items():
-            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            if not (torch.is_tensor(value) and value.is_floating_point()):
+                continue
+            if not torch.isfinite(value).all():
                 return f"{part}[{key!r}]"
     return None
 
