@@ -225,6 +225,9 @@ def evaluate_long_context(
     return result
 
 
+_PADDING = -2  # recall distance of a segment a row does not have
+
+
 class _Scorer:
     """Accumulates the sums of :func:`evaluate_long_context` over batches of documents."""
 
@@ -314,7 +317,9 @@ class _Scorer:
                     [[n * self.block < s for n in range(n_seg)] for s in seq_lens],
                     device=dist.device,
                 )
-                self.distances.append(dist[real])
+                # Padding segments become -2 (dropped when counting at the end): boolean
+                # indexing here would make the host wait for the device at every call.
+                self.distances.append(dist.masked_fill(~real, _PADDING).flatten())
             # Drop this call's outputs before the next call runs, or both are alive at once.
             del out
 
@@ -370,6 +375,8 @@ class _Scorer:
         if self.distances:
             values, counts = torch.cat(self.distances).unique(return_counts=True)
             for v, c in zip(values.tolist(), counts.tolist()):
+                if v == _PADDING:
+                    continue
                 if v < 0:
                     no_recall += c
                 else:
