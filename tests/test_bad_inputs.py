@@ -611,11 +611,6 @@ def test_catalogue_is_in_the_readme():
     assert not missing, missing
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hmt_plugin.data reads a file of NUL bytes as text (it is valid UTF-8) and trains on "
-    "it; reported to the data owners: refuse text files holding NUL bytes, as git does.",
-)
 def test_file_of_nul_bytes_is_refused(tmp_path, assets):
     from hmt_plugin.data import long_text_dataset
     from torchtune.models.llama2 import llama2_tokenizer

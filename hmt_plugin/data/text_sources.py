@@ -56,6 +56,13 @@ def list_local_files(path: Union[str, os.PathLike]) -> List[Path]:
 def read_text_file(path: Path) -> str:
     """The whole file as text (UTF-8, BOM dropped, CRLF/CR turned into LF)."""
     data = path.read_bytes()
+    if b"\0" in data[:8192]:
+        # NUL bytes are valid UTF-8 but no text file holds them: a binary file (an image, an
+        # archive) that happens to decode must not be trained on. git uses the same test.
+        raise DataSourceError(
+            f"{path} looks binary (it holds NUL bytes), not text. Remove it from the folder, or "
+            "point source= at the text files only."
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
