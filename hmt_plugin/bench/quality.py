@@ -116,12 +116,16 @@ def train_tokenizer(train_dir: Path, out_dir: Path, vocab_size: int, max_sentenc
     from hmt_plugin.data.gutenberg import strip_gutenberg
 
     model = out_dir / "tokenizer.model"
-    if model.is_file():
-        return model
+    books = sorted(train_dir.rglob("*.txt"))
+    recipe = {"books": [b.name for b in books], "vocab_size": vocab_size,
+              "max_sentences": max_sentences}
+    stamp = out_dir / "trained_on.json"
+    if model.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == recipe:
+        return model  # the same books and settings: reuse
     out_dir.mkdir(parents=True, exist_ok=True)
     corpus = out_dir / "corpus.txt"
     with open(corpus, "w", encoding="utf-8") as f:
-        for book in sorted(train_dir.rglob("*.txt")):
+        for book in books:
             text = strip_gutenberg(book.read_text(encoding="utf-8-sig"))
             for paragraph in text.split("\n\n"):
                 line = " ".join(paragraph.split())
@@ -135,6 +139,7 @@ def train_tokenizer(train_dir: Path, out_dir: Path, vocab_size: int, max_sentenc
         num_threads=max(1, len(os.sched_getaffinity(0))), minloglevel=2,
     )
     corpus.unlink()
+    stamp.write_text(json.dumps(recipe))
     return model
 
 
@@ -345,8 +350,9 @@ def _tokens_per_segment(model_node: Dict[str, Any]) -> int:
 
 def _train(args, name, run_dir, cfg, launch, steps, per_step, tokens_per_step) -> Dict[str, Any]:
     config_path = run_dir.parent / f"{name}.yaml"
+    same = runs.same_config(cfg, config_path)
     runs.write_config(cfg, config_path)
-    if args.reuse and runs.is_finished(run_dir):
+    if args.reuse and same and runs.is_finished(run_dir):
         stderr(f"{name}: reusing {runs.final_dir(run_dir)}")
         wall = None
     else:

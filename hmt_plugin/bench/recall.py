@@ -119,8 +119,10 @@ def run_recall(args: argparse.Namespace) -> Dict[str, Any]:
     for mode in MODELS:
         run_dir = work / "runs" / mode
         cfg = recipe_config(args, mode, run_dir, work)
-        path = runs.write_config(cfg, work / "runs" / f"{mode}.yaml")
-        if args.reuse and runs.is_finished(run_dir):
+        path = work / "runs" / f"{mode}.yaml"
+        same = runs.same_config(cfg, path)
+        runs.write_config(cfg, path)
+        if args.reuse and same and runs.is_finished(run_dir):
             wall = None
         else:
             stderr(f"training {mode}: {args.steps} steps of {args.batch_size} documents")

@@ -37,6 +37,13 @@ def write_config(cfg: Dict[str, Any], path: Path) -> Path:
     return path
 
 
+def same_config(cfg: Dict[str, Any], path: Path) -> bool:
+    """Whether ``path`` already holds ``cfg`` (``--reuse`` keeps a run only if so)."""
+    if not Path(path).is_file():
+        return False
+    return OmegaConf.to_container(OmegaConf.load(path)) == OmegaConf.to_container(OmegaConf.create(cfg))
+
+
 def final_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "final"
 
@@ -218,6 +225,3 @@ def cosine_schedule(total_steps: int) -> Dict[str, Any]:
         "num_warmup_steps": max(1, min(100, total_steps // 10)),
     }
 
-
-def unique(items: List[Any]) -> List[Any]:
-    return list(dict.fromkeys(items))

@@ -34,9 +34,9 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import math
 import statistics
 import time
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -78,7 +78,8 @@ PROJECTION_CHUNK = 1024
 # What --tiny sets (a dry run: builds everything and runs each measurement once, in seconds).
 TINY_SETTINGS = dict(
     preset="tiny", lengths=[200, 500], segment_lengths=[64], num_sensory=8, cache_size=16,
-    chunk_segments=4, repeats=1, train_repeats=1, train_depths=[2], profile_length=300,
+    chunk_segments=4, repeats=1, train_repeats=1, train_depths=[2], train_loss_scopes=["last"],
+    profile_length=300,
 )
 
 
@@ -185,51 +186,102 @@ def _is_oom(err: BaseException) -> bool:
     )
 
 
-def measure(
-    fn: Callable[[], torch.Tensor],
+def cpu_clock() -> Callable[[], float]:
+    """CPU time of the work: the calling thread's when torch computes on one thread (exact,
+    and blind to other processes competing for the cores, unlike wall time), else the
+    whole process's (worker threads included, spin-waiting too)."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.process_time
+
+
+@dataclasses.dataclass
+class Variant:
+    """One way of doing the work of a cell: ``fn()`` returns a scalar tensor (NLL or loss)."""
+
+    name: str
+    fn: Callable[[], torch.Tensor]
+    tokens: int  # new tokens one call reads, for tokens per second
+
+
+def measure_interleaved(
+    variants: Sequence[Variant],
     *,
-    tokens: int,
     device: torch.device,
     probe,
     repeats: int,
     budget_s: float,
     rss: bool = True,
-) -> Dict[str, Any]:
-    """Warm-up run under the memory probe, then timed runs; a result dict for the tables.
+) -> Dict[str, Dict[str, Any]]:
+    """Measure several variants of the same work side by side.
 
-    ``tokens`` is the number of new tokens one run reads (for tokens per second)."""
-    try:
-        value, peak_mb = run_measured(lambda: _synced(fn, device), probe)
-        seconds: List[float] = []
-        rss_peaks: List[float] = []
-        for _ in range(max(1, repeats)):
+    Each variant first runs once untimed under the memory probe (warm-up and peak memory).
+    Then the timed runs go in rounds, one run of each variant per round, so a change in the
+    machine's load hits all variants alike; rounds stop after ``repeats`` or once they took
+    ``budget_s`` (at least one round). Per variant: wall and CPU seconds of each run, their
+    medians, tokens per second, peak memory, RSS peak, and the value of the last run."""
+    results: Dict[str, Dict[str, Any]] = {}
+    live: List[Variant] = []
+    for v in variants:
+        try:
+            value, peak_mb = run_measured(lambda: _synced(v.fn, device), probe)
+        except RuntimeError as err:
+            results[v.name] = _oom_result(err, device)
+            continue
+        results[v.name] = {"status": "ok", "peak_mb": None if peak_mb is None else round(peak_mb, 1),
+                           "seconds": [], "cpu_seconds": [], "rss": [], "value": float(value)}
+        live.append(v)
+    clock = cpu_clock()
+    spent = 0.0
+    for _ in range(max(1, repeats)):
+        for v in list(live):
+            res = results[v.name]
             sampler = rss_sampler(device) if rss else None
-            with sampler.measure() if sampler is not None else contextlib.nullcontext() as reading:
-                _sync(device)
-                t0 = time.perf_counter()
-                value = fn()
-                _sync(device)
-                seconds.append(time.perf_counter() - t0)
+            try:
+                with sampler.measure() if sampler is not None else contextlib.nullcontext() as reading:
+                    _sync(device)
+                    c0, t0 = clock(), time.perf_counter()
+                    value = v.fn()
+                    _sync(device)
+                    wall, cpu = time.perf_counter() - t0, clock() - c0
+            except RuntimeError as err:
+                results[v.name] = _oom_result(err, device)
+                live.remove(v)
+                continue
+            res["seconds"].append(round(wall, 4))
+            res["cpu_seconds"].append(round(cpu, 4))
+            res["value"] = float(value)
             if reading is not None:
-                rss_peaks.append(reading.peak_mb)
-            if sum(seconds) >= budget_s:
-                break
-    except RuntimeError as err:
-        if not _is_oom(err):
-            raise
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return {"status": "does not fit (out of memory)", "error": str(err).splitlines()[0]}
-    median = statistics.median(seconds)
-    return {
-        "status": "ok",
-        "seconds": [round(s, 4) for s in seconds],
-        "median_s": round(median, 4),
-        "tokens_per_s": round(tokens / median, 1),
-        "peak_mb": None if peak_mb is None else round(peak_mb, 1),
-        "rss_peak_mb": round(max(rss_peaks), 1) if rss_peaks else None,
-        "value": float(value),
-    }
+                res["rss"].append(reading.peak_mb)
+            spent += wall
+        if spent >= budget_s:
+            break
+    for v in live:
+        res = results[v.name]
+        wall, cpu = statistics.median(res["seconds"]), statistics.median(res["cpu_seconds"])
+        rss_values = res.pop("rss")
+        res.update(
+            median_s=round(wall, 4),
+            median_cpu_s=round(cpu, 4),
+            tokens_per_s=round(v.tokens / wall, 1),
+            tokens_per_cpu_s=round(v.tokens / cpu, 1) if cpu > 0 else None,
+            rss_peak_mb=round(max(rss_values), 1) if rss_values else None,
+        )
+    return results
+
+
+def paired_ratio(a: Dict[str, Any], b: Dict[str, Any], key: str) -> Optional[float]:
+    """Median over rounds of ``a``'s time over ``b``'s time in the same round."""
+    if a.get("status") != "ok" or b.get("status") != "ok":
+        return None
+    pairs = [x / y for x, y in zip(a[key], b[key]) if y > 0]
+    return round(statistics.median(pairs), 3) if pairs else None
+
+
+def _oom_result(err: RuntimeError, device: torch.device) -> Dict[str, Any]:
+    if not _is_oom(err):
+        raise err
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"status": "does not fit (out of memory)", "error": str(err).splitlines()[0]}
 
 
 def _synced(fn: Callable[[], torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -393,6 +445,7 @@ def run_speed(args: argparse.Namespace) -> Dict[str, Any]:
         "backbone_parameters": n_params,
         "memory_probe": describe(probe),
         "rss_during_timed_runs": rss_sampler(device) is not None and not args.no_rss,
+        "cpu_clock": "thread_time" if cpu_clock() is time.thread_time else "process_time",
         "slot_floor": {},
         "tokens_per_segment": {},
     }
@@ -413,8 +466,10 @@ def run_speed(args: argparse.Namespace) -> Dict[str, Any]:
                 results["eval"].append(_eval_cell(model, args, seg_len, length, device, probe))
         if args.train_depths:
             model.train()
-            for depth in args.train_depths:
-                results["train"].append(_train_cell(model, args, seg_len, depth, device, probe))
+            for scope in args.train_loss_scopes:
+                for depth in args.train_depths:
+                    results["train"].append(
+                        _train_cell(model, args, seg_len, depth, scope, device, probe))
             model.eval()
         if not args.skip_eval and _wants_profile(args, results["eval"], seg_len):
             length = min(args.profile_length, max(lengths))
@@ -427,65 +482,81 @@ def run_speed(args: argparse.Namespace) -> Dict[str, Any]:
     return results
 
 
+def _in_mode(model: HMT, mode: str, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``fn`` run with ``model`` in ``mode`` (interleaved variants share one model)."""
+
+    def run() -> torch.Tensor:
+        model.set_mode(mode)
+        return fn()
+
+    return run
+
+
 def _eval_cell(model: HMT, args, seg_len: int, length: int, device, probe) -> Dict[str, Any]:
     doc = _random_doc(model.backbone.tok_embeddings.num_embeddings, length, args.batch_size,
                       device, args.seed)
-    targets = args.batch_size * (length - 1)
     tokens = args.batch_size * length
     cell: Dict[str, Any] = {"segment_length": seg_len, "length": length}
-    common = dict(tokens=tokens, device=device, probe=probe, repeats=args.repeats,
-                  budget_s=args.repeat_budget_s, rss=not args.no_rss)
-    for name, mode in (("hmt", "hmt"), ("baseline", "baseline")):
-        if name not in args.variants:
-            continue
-        model.set_mode(mode)
-        stderr(f"  L={seg_len} T={length}: ({'a' if mode == 'hmt' else 'b'}) {mode}")
-        cell[name] = measure(lambda: read_streaming(model, doc, args.chunk_segments), **common)
-    model.set_mode("hmt")
+    read = lambda: read_streaming(model, doc, args.chunk_segments)  # noqa: E731
+    variants = [Variant(m, _in_mode(model, m, read), tokens)
+                for m in ("hmt", "baseline") if m in args.variants]
     if "full" in args.variants:
         if length > args.full_max_len:
             cell["full"] = {"status": f"skipped (T > --full_max_len {args.full_max_len})"}
         else:
-            stderr(f"  L={seg_len} T={length}: (c) full attention")
-            cell["full"] = measure(lambda: read_full(model.backbone, doc), **common)
+            variants.append(Variant("full", lambda: read_full(model.backbone, doc), tokens))
+    stderr(f"  L={seg_len} T={length}: {', '.join(v.name for v in variants)}")
+    cell.update(measure_interleaved(variants, device=device, probe=probe, repeats=args.repeats,
+                                    budget_s=args.repeat_budget_s, rss=not args.no_rss))
+    model.set_mode("hmt")
     for name in ("hmt", "baseline", "full"):
         res = cell.get(name)
         if res and res.get("status") == "ok":
-            res["nll_per_token"] = round(res.pop("value") / targets, 4)
-    a, b = cell.get("hmt", {}), cell.get("baseline", {})
-    if a.get("status") == "ok" and b.get("status") == "ok":
-        cell["ratio_hmt_over_baseline"] = round(a["median_s"] / b["median_s"], 3)
+            res["nll_per_token"] = round(res.pop("value") / (args.batch_size * (length - 1)), 4)
+    if "hmt" in cell and "baseline" in cell:
+        cell["ratio_hmt_over_baseline"] = paired_ratio(cell["hmt"], cell["baseline"], "seconds")
+        if device.type == "cpu":
+            cell["cpu_ratio_hmt_over_baseline"] = paired_ratio(cell["hmt"], cell["baseline"],
+                                                               "cpu_seconds")
     return cell
 
 
-def _train_cell(model: HMT, args, seg_len: int, depth: int, device, probe) -> Dict[str, Any]:
-    cell: Dict[str, Any] = {"segment_length": seg_len, "bptt_depth": depth,
-                            "loss_scope": args.train_loss_scope}
+def _train_cell(model: HMT, args, seg_len: int, depth: int, scope: str, device, probe) -> Dict[str, Any]:
+    cell: Dict[str, Any] = {"segment_length": seg_len, "bptt_depth": depth, "loss_scope": scope}
     vocab = model.backbone.tok_embeddings.num_embeddings
+    variants, windows = [], {}
     for mode in ("hmt", "baseline"):
-        model.set_mode(mode)
-        window = depth * model.config.tokens_per_segment
+        window = depth * model.config.with_mode(mode).tokens_per_segment
         tokens = _random_doc(vocab, window, args.batch_size, device, args.seed + depth)
-        stderr(f"  L={seg_len} train depth {depth}: {mode} ({window} tokens per row)")
-        res = measure(
-            lambda: train_step(model, tokens, args.train_loss_scope),
-            tokens=args.batch_size * window, device=device, probe=probe,
-            repeats=args.train_repeats, budget_s=args.repeat_budget_s, rss=not args.no_rss,
-        )
+        windows[mode] = window
+        step = partial(train_step, model, tokens, scope)
+        variants.append(Variant(mode, _in_mode(model, mode, step), args.batch_size * window))
+    stderr(f"  L={seg_len} train depth {depth}, loss_scope {scope}: hmt {windows['hmt']} / "
+           f"baseline {windows['baseline']} tokens per row")
+    cell.update(measure_interleaved(variants, device=device, probe=probe,
+                                    repeats=args.train_repeats, budget_s=args.repeat_budget_s,
+                                    rss=not args.no_rss))
+    for mode in ("hmt", "baseline"):
+        res = cell[mode]
         if res.get("status") == "ok":
             res["loss"] = round(res.pop("value"), 4)
-        res["window_tokens"] = window
-        cell[mode] = res
+        res["window_tokens"] = windows[mode]
     for p in model.parameters():
         p.grad = None
     model.set_mode("hmt")
+    # Per token: the two windows hold the same number of segments, not the same tokens.
     a, b = cell["hmt"], cell["baseline"]
     if a.get("status") == "ok" and b.get("status") == "ok":
-        # Per token: the windows hold the same number of segments, not of tokens.
-        cell["ratio_hmt_over_baseline"] = round(
-            b["tokens_per_s"] / a["tokens_per_s"], 3
-        )
+        cell["ratio_hmt_over_baseline"] = round(b["tokens_per_s"] / a["tokens_per_s"], 3)
+        if device.type == "cpu" and a["tokens_per_cpu_s"] and b["tokens_per_cpu_s"]:
+            cell["cpu_ratio_hmt_over_baseline"] = round(
+                b["tokens_per_cpu_s"] / a["tokens_per_cpu_s"], 3)
     return cell
+
+
+def _ratio_key(device: Any) -> str:
+    """The ratio to judge by: CPU time on CPU (steady on a shared machine), wall on CUDA."""
+    return "cpu_ratio_hmt_over_baseline" if torch.device(device).type == "cpu" else "ratio_hmt_over_baseline"
 
 
 def _wants_profile(args, cells: List[Dict[str, Any]], seg_len: int) -> bool:
@@ -493,8 +564,8 @@ def _wants_profile(args, cells: List[Dict[str, Any]], seg_len: int) -> bool:
         return False
     if args.profile == "always":
         return True
-    ratios = [c["ratio_hmt_over_baseline"] for c in cells
-              if c["segment_length"] == seg_len and "ratio_hmt_over_baseline" in c]
+    key = _ratio_key(args.device)
+    ratios = [c[key] for c in cells if c["segment_length"] == seg_len and c.get(key)]
     return bool(ratios) and statistics.median(ratios) > args.target_ratio
 
 
@@ -510,10 +581,15 @@ def _fmt_cell(res: Optional[Dict[str, Any]], key: str) -> Any:
 def tables(record: Dict[str, Any]) -> str:
     results = record["results"]
     info = results["info"]
+    on_cpu = torch.device(record["settings"]["device"]).type == "cpu"
     out = [f"## speed\n\n{header(record)}\n",
-           f"Backbone: {info['backbone_parameters']:,} parameters. Peak memory: "
-           f"{info['memory_probe']} (warm-up run); RSS column: resident set above the start, "
-           "sampled every 2 ms during the timed runs.\n"]
+           f"Backbone: {info['backbone_parameters']:,} parameters, random weights. tok/s: new "
+           f"tokens per wall-clock second (median of the timed runs, variants interleaved). "
+           f"Peak memory: {info['memory_probe']} (warm-up run)."
+           + (" RSS: resident set above the start, sampled every 2 ms during the timed runs."
+              if info["rss_during_timed_runs"] else "")
+           + (f" CPU time ratios use {info['cpu_clock']} (steady under other load)." if on_cpu else "")
+           + "\n"]
     for seg_len in record["settings"]["segment_lengths"]:
         cells = [c for c in results["eval"] if c["segment_length"] == seg_len]
         tps = info["tokens_per_segment"][str(seg_len)]
@@ -521,43 +597,52 @@ def tables(record: Dict[str, Any]) -> str:
             rows = []
             for c in cells:
                 a, b, f = c.get("hmt"), c.get("baseline"), c.get("full")
-                rows.append([
-                    c["length"],
-                    _fmt_cell(a, "tokens_per_s"), _fmt_cell(b, "tokens_per_s"),
-                    _fmt_cell(f, "tokens_per_s"), c.get("ratio_hmt_over_baseline"),
-                    _fmt_cell(a, "peak_mb"), _fmt_cell(b, "peak_mb"), _fmt_cell(f, "peak_mb"),
-                    _fmt_cell(a, "rss_peak_mb"), _fmt_cell(f, "rss_peak_mb"),
-                ])
-            ratios = [c["ratio_hmt_over_baseline"] for c in cells if "ratio_hmt_over_baseline" in c]
+                row = [c["length"], _fmt_cell(a, "tokens_per_s"), _fmt_cell(b, "tokens_per_s"),
+                       _fmt_cell(f, "tokens_per_s"), c.get("ratio_hmt_over_baseline")]
+                if on_cpu:
+                    row.append(c.get("cpu_ratio_hmt_over_baseline"))
+                row += [_fmt_cell(a, "peak_mb"), _fmt_cell(b, "peak_mb"), _fmt_cell(f, "peak_mb")]
+                if info["rss_during_timed_runs"]:
+                    row += [_fmt_cell(a, "rss_peak_mb"), _fmt_cell(f, "rss_peak_mb")]
+                rows.append(row)
+            heads = ["tokens", "(a) HMT tok/s", "(b) no memory tok/s", "(c) full attn tok/s",
+                     "(a)/(b) wall"] + (["(a)/(b) CPU"] if on_cpu else []) + [
+                     "(a) peak MiB", "(b) peak MiB", "(c) peak MiB"] + (
+                     ["(a) RSS MiB", "(c) RSS MiB"] if info["rss_during_timed_runs"] else [])
             out.append(
-                f"### Evaluation, segment_length {seg_len} (HMT {tps['hmt']} new tokens per "
-                f"segment, summary {tps['summary_tokens']}; baseline {tps['baseline']})\n"
+                f"### Evaluation, segment_length {seg_len} (HMT: {tps['hmt']} new tokens per "
+                f"segment, {tps['summary_tokens']} in the representation pass; no memory: "
+                f"{tps['baseline']}; {record['settings']['chunk_segments']} segments per call)\n"
             )
-            out.append(markdown_table(
-                ["tokens", "(a) HMT tok/s", "(b) no memory tok/s", "(c) full attn tok/s",
-                 "(a)/(b) time", "(a) peak MiB", "(b) peak MiB", "(c) peak MiB",
-                 "(a) RSS MiB", "(c) RSS MiB"],
-                rows,
-            ))
-            if ratios:
+            out.append(markdown_table(heads, rows))
+            summary = []
+            for label, key in (("wall", "ratio_hmt_over_baseline"), ("CPU", "cpu_ratio_hmt_over_baseline")):
+                ratios = [c[key] for c in cells if c.get(key)]
+                if ratios:
+                    summary.append(f"{label} median {statistics.median(ratios):.3f} "
+                                   f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+            if summary:
                 out.append(
-                    f"\n(a)/(b) median {statistics.median(ratios):.3f} (range {min(ratios):.3f}-"
-                    f"{max(ratios):.3f}); backbone positions per new token, HMT vs baseline: "
-                    f"{info['slot_floor'][str(seg_len)]:.3f}; target < "
+                    f"\n(a)/(b) time ratio: {'; '.join(summary)}. Backbone positions per new token, "
+                    f"HMT over no memory: {info['slot_floor'][str(seg_len)]:.3f}. Target < "
                     f"{record['settings']['target_ratio']}.\n"
                 )
         train = [c for c in results["train"] if c["segment_length"] == seg_len]
         if train:
-            rows = [[c["bptt_depth"], c["hmt"].get("window_tokens"),
-                     _fmt_cell(c["hmt"], "tokens_per_s"), _fmt_cell(c["baseline"], "tokens_per_s"),
-                     c.get("ratio_hmt_over_baseline"), _fmt_cell(c["hmt"], "peak_mb"),
-                     _fmt_cell(c["baseline"], "peak_mb"), _fmt_cell(c["hmt"], "rss_peak_mb")]
-                    for c in train]
-            out.append(f"### Training step (forward + backward, loss_scope "
-                       f"{train[0]['loss_scope']}), segment_length {seg_len}\n")
+            rows = []
+            for c in train:
+                row = [c["loss_scope"], c["bptt_depth"], c["hmt"].get("window_tokens"),
+                       _fmt_cell(c["hmt"], "tokens_per_s"), _fmt_cell(c["baseline"], "tokens_per_s"),
+                       c.get("ratio_hmt_over_baseline")]
+                if on_cpu:
+                    row.append(c.get("cpu_ratio_hmt_over_baseline"))
+                row += [_fmt_cell(c["hmt"], "peak_mb"), _fmt_cell(c["baseline"], "peak_mb")]
+                rows.append(row)
+            out.append(f"### Training step (forward + backward), segment_length {seg_len}\n")
             out.append(markdown_table(
-                ["BPTT depth", "HMT window tokens", "HMT tok/s", "no memory tok/s",
-                 "time/token ratio", "HMT peak MiB", "no memory peak MiB", "HMT RSS MiB"],
+                ["loss_scope", "BPTT depth", "HMT window tokens", "HMT tok/s", "no memory tok/s",
+                 "time/token ratio wall"] + (["time/token ratio CPU"] if on_cpu else [])
+                + ["HMT peak MiB", "no memory peak MiB"],
                 rows,
             ))
             out.append("")
@@ -572,13 +657,30 @@ def _profile_table(prof: Dict[str, Any], seg_len: int) -> str:
     names = list(dict.fromkeys([*a["phases_s"], *b["phases_s"]]))
     rows = [[n, a["phases_s"].get(n), b["phases_s"].get(n),
              100 * a["phases_s"].get(n, 0.0) / a["seconds"]] for n in names]
+    rows = [[n, x, y, round(z, 1)] for n, x, y, z in rows]
     rows.append(["total", a["seconds"], b["seconds"], 100.0])
     lines = [f"### Where HMT's time goes, segment_length {seg_len}, {prof['tokens']} tokens\n",
              markdown_table(["phase", "HMT s", "baseline s", "% of HMT"], rows), "",
+             _profile_summary(a, b), "",
              "Top ops of the HMT read (self time):\n",
              markdown_table(["op", "calls", "self s"],
                             [[e["op"], e["calls"], e["self_s"]] for e in a["top_ops"]]), ""]
     return "\n".join(lines)
+
+
+def _profile_summary(a: Dict[str, Any], b: Dict[str, Any]) -> str:
+    """The profile in three ratios, each relative to the no-memory read's backbone time."""
+    base = b["phases_s"].get("segment pass: backbone layers") or float("nan")
+    seg = a["phases_s"].get("segment pass: backbone layers", 0.0)
+    rep = a["phases_s"].get("representation pass: backbone layers", 0.0)
+    rest = a["seconds"] - seg - rep
+    rest_b = b["seconds"] - base
+    return (
+        f"Relative to the no-memory read's backbone time: HMT's segment pass "
+        f"{seg / base:.3f}, its representation pass {rep / base:.3f}, everything else in HMT "
+        f"{rest / base:.3f} (in the no-memory read: {rest_b / base:.3f}). Whole read: "
+        f"{a['seconds'] / b['seconds']:.3f}."
+    )
 
 
 # ---------------------------------------------------------------------------- command line
@@ -623,8 +725,11 @@ def build_parser(prog: str, gpu: bool) -> argparse.ArgumentParser:
     g = p.add_argument_group("training step")
     g.add_argument("--train_depths", type=int, nargs="*", default=[2, 6, 15],
                    help="BPTT depths (segments per window); none to skip")
-    g.add_argument("--train_loss_scope", choices=["last", "all"], default="last",
-                   help="the recipes' loss_scope (last: the published loss)")
+    g.add_argument("--train_loss_scopes", nargs="+", choices=["last", "all"],
+                   default=["last", "all"],
+                   help="the recipes' loss_scope: last (the published loss: only the last "
+                        "segment's targets, so the no-memory model backpropagates one segment) "
+                        "or all (every segment's targets)")
     g.add_argument("--train_repeats", type=int, default=3)
 
     g = p.add_argument_group("measurement")
