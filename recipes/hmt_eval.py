@@ -41,6 +41,7 @@ from hmt_plugin.eval.long_context import (
 )
 from hmt_plugin.eval.memory import PROBES, memory_probe
 from hmt_plugin.eval.model_loading import describe, load_hmt_model
+from hmt_plugin.eval.quantization import quantize_from_config
 from hmt_plugin.eval.plots import plot_ppl_vs_context, plot_recall_distance
 from hmt_plugin.modules.hmt_config import MODES, HMTConfigError
 from hmt_plugin.training.data_setup import build_documents
@@ -69,6 +70,7 @@ EVAL_KEYS = {
     "plots",
     "metric_logger",
     "lm_eval",
+    "quantization",
     # free variables for interpolation, as in the training configs
     "run_dir",
     "backbone_dir",
@@ -215,6 +217,7 @@ class HMTEvalRecipe:
         self._seed = training.set_seed(seed=cfg.seed)
         self._output_dir = Path(cfg.output_dir)
         self._cfg = cfg
+        self._quantized: Dict[str, Any] = {"scheme": None}
 
     def setup(self, cfg: DictConfig) -> None:
         self._output_dir.mkdir(parents=True, exist_ok=True)
@@ -269,6 +272,7 @@ class HMTEvalRecipe:
                     seed=self._seed,
                     where=run.where,
                 )
+                self._quantized = quantize_from_config(model, cfg.get("quantization"))
                 loaded = run.weights()
             self._check_mode(model, run)
             log.info(f"[{run.label}] {describe(model, run.mode)}")
@@ -382,6 +386,7 @@ class HMTEvalRecipe:
             "max_tokens": cfg.get("max_tokens"),
             "documents": None if self._documents is None else len(self._documents),
             "memory_probe": {"name": self._probe.name, "description": self._probe.description},
+            "quantization": self._quantized,
             "runs": {},
             "plots": plots,
         }

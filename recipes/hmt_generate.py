@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 
 from hmt_plugin.eval.model_loading import describe, load_hmt_model
+from hmt_plugin.eval.quantization import quantize_from_config
 from hmt_plugin.generation import HMTGenerator
 from hmt_plugin.modules.hmt_config import MODES, HMTConfigError
 from hmt_plugin.training.run_config import ConfigError, check_component_args, check_keys
@@ -46,6 +47,7 @@ GENERATE_KEYS = {
     "stop_at_eos",
     "refresh_recall",
     "prefill_chunk_segments",
+    "quantization",
     "run_dir",
     "backbone_dir",
     "model_dir",
@@ -133,6 +135,7 @@ class HMTGenerateRecipe:
             dtype=self._dtype,
             seed=self._seed,
         )
+        quantize_from_config(self._model, cfg.get("quantization"))
         if cfg.get("mode") is not None:
             try:
                 self._model.set_mode(cfg.mode)

@@ -79,3 +79,19 @@ def test_qlora_recipe_trains_checkpoints_and_resumes(tmp_path):
     assert sorted(again) == [5, 6, 7, 8]
     for step in again:
         assert again[step]["loss"] == pytest.approx(original[step]["loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_qlora_distributed_matches_single_device(tmp_path):
+    from tests.recipe_utils import run_recipe, write_config
+
+    single, dist = tmp_path / "single", tmp_path / "dist"
+    settings = dict(max_steps_per_epoch=2, save_every_n_steps=None, lr_scheduler=None)
+    run_in_process("hmt_finetune_single_device", qlora_config(single, batch_size=4, **settings))
+    cfg = write_config(qlora_config(dist, batch_size=2, **settings), tmp_path / "d.yaml")
+    run_recipe("hmt_finetune_distributed", cfg, nproc=2)
+    ls, ld = read_metrics(single / "logs"), read_metrics(dist / "logs")
+    assert sorted(ls) == sorted(ld) == [1, 2]
+    for step in ls:
+        assert ld[step]["loss"] == pytest.approx(ls[step]["loss"], abs=1e-4), step
