@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 from functools import partial
 from pathlib import Path
@@ -467,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--reuse", action="store_true",
-                   help="keep runs whose final checkpoint exists (resume an interrupted benchmark)")
+                   help="keep runs whose config is unchanged and whose final checkpoint exists "
+                        "(resume an interrupted benchmark; give --pretrain_steps and "
+                        "--finetune_steps, since time boxes are re-measured on every call)")
     g.add_argument("--quick", action="store_true", help="tiny sizes and a few steps: minutes")
     p.add_argument("--sentencepiece_sentences", type=int, default=DEFAULTS["sentencepiece_sentences"])
     return p
