@@ -9,6 +9,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_cache(tmp_path_factory, monkeypatch):
+def _seed_threads_and_cache(tmp_path_factory, monkeypatch):
     torch.manual_seed(0)
+    # Tiny models: one intra-op thread is faster than two fighting over the ops, and child
+    # processes (torchrun ranks) do the same through OMP_NUM_THREADS.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("HMT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hmt_cache"))
+    yield
+    torch.set_num_threads(threads)
