@@ -294,3 +294,19 @@ def test_token_ids_beyond_vocabulary():
     ids[0, 3] = 300
     with pytest.raises(ValueError, match="vocabulary"):
         model(ids)
+
+
+def test_kv_caches_left_on_the_backbone_do_not_change_results():
+    """torchtune's attention drops its default causal mask once a KV cache exists."""
+    from torchtune.modules.common_utils import disable_kv_cache
+
+    model = tiny()
+    ids = tokens(length=60)
+    with torch.no_grad():
+        expected = model(ids).logits
+        model.backbone.setup_caches(batch_size=2, dtype=torch.float32, decoder_max_seq_len=64)
+        with pytest.raises(RuntimeError, match="KV caches set up and enabled"):
+            model(ids)
+        with disable_kv_cache(model.backbone):
+            got = model(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

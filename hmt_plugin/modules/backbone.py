@@ -130,6 +130,11 @@ def run_layers(
     Returns:
         torch.Tensor: ``[b, s, d]`` hidden state before the final norm.
     """
+    if mask is None and decoder.caches_are_setup():
+        # With a KV cache present (even disabled) torchtune's attention is not causal by
+        # default when no mask is given: spell the causal mask out.
+        s = embeds.shape[1]
+        mask = torch.ones(s, s, dtype=torch.bool, device=embeds.device).tril()[None]
     return decoder(embeds, mask=mask, input_pos=input_pos)
 
 

@@ -228,6 +228,12 @@ class HMT(nn.Module):
                 "give one label per token, unshifted (normally the tokens themselves, with -100 "
                 "where no loss is wanted)."
             )
+        if self.backbone.caches_are_setup() and self.backbone.caches_are_enabled():
+            raise RuntimeError(
+                "the backbone has torchtune KV caches set up and enabled; HMT.forward reads "
+                "segments without them. Use hmt_plugin.generation.HMTGenerator for cached "
+                "decoding, or wrap the call in torchtune's disable_kv_cache(model.backbone)."
+            )
         lengths = self._row_lengths(tokens, mask, seq_lens, labels)
         if state is None:
             state = HMTState(segments_seen=[0] * batch)
