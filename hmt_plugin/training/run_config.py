@@ -151,10 +151,17 @@ def validate_finetune_config(cfg: DictConfig) -> None:
 
 
 def validate_config_file(cfg: DictConfig) -> None:
-    """``hmt-tune validate``: the fine-tuning checks for fine-tuning configs, component
-    arguments for the others."""
+    """``hmt-tune validate``: the checks of the recipe the config is for (fine-tuning, eval or
+    generation, told apart by their keys), which include component arguments."""
     if "optimizer" in cfg:
         validate_finetune_config(cfg)
-        return
+    elif any(k in cfg for k in ("context_lengths", "modes", "runs", "lm_eval")):
+        from hmt_plugin.recipes.hmt_eval import validate_eval_config
+
+        validate_eval_config(cfg)
+    elif any(k in cfg for k in ("prompt", "prompt_file", "max_new_tokens")):
+        from hmt_plugin.recipes.hmt_generate import validate_generate_config
+
+        validate_generate_config(cfg)
     for key, value in cfg.items():
         check_component_args(value, f"{key}.")
