@@ -38,7 +38,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from hmt_plugin.generation.kv_cache import SegmentCaches, caches_removed
 from hmt_plugin.generation.sampling import check_sampling_args, sample_next_token
@@ -436,7 +435,7 @@ class HMTGenerator:
             m = cfg.num_memory_tokens
             memory = self.decoder.norm(self._cached_pass(self._prefix)[:, -m:])
         if cfg.uses_recall:
-            cache, keys, valid = _remember(self.model, cfg.cache_size, memory, cache, keys, valid)
+            cache, keys, valid = self.model.recall.remember(memory, cache, keys, valid, cfg.cache_size)
             self._prev_tail = self._seg[:, self._block - cfg.summary_tokens :].clone()
         k = cfg.sensory_tokens_used
         self._state = HMTState(
@@ -453,22 +452,6 @@ class HMTGenerator:
         self._prefix = None
         self._provisional = False
         self._caches.reset()
-
-
-def _remember(model: HMT, cache_size: int, memory, cache, keys, valid):
-    """Append M_n and its recall key to the memory cache; keep the newest ``cache_size``."""
-    new_keys = model.recall.keys(memory)
-    if cache is None:
-        cache, keys = memory, new_keys
-    else:
-        cache = torch.cat([cache, memory], dim=1)
-        keys = torch.cat([keys, new_keys], dim=1)
-        if valid is not None:
-            valid = F.pad(valid, (0, memory.shape[1]), value=True)
-    if cache.shape[1] > cache_size:
-        cache, keys = cache[:, -cache_size:], keys[:, -cache_size:]
-        valid = valid[:, -cache_size:] if valid is not None else None
-    return cache, keys, valid
 
 
 def _is_one_row(prompt: PromptLike) -> bool:

@@ -456,7 +456,7 @@ class _Reader:
                 memories.append(memory)
             if cfg.uses_recall:
                 scores_out.append(recalled)
-                cache, keys, valid = self._remember(memory, cache, keys, valid)
+                cache, keys, valid = model.recall.remember(memory, cache, keys, valid, cfg.cache_size)
             if k and w >= k:
                 sensory = x[:, w - k :]
             last_hidden = token_hidden[:, -1:]
@@ -498,22 +498,6 @@ class _Reader:
         hidden = run_layers(self.decoder, x, mask=attn_mask, input_pos=positions)
         out = self.decoder.norm(hidden[:, hidden.shape[1] - m :])
         return out.view(b, s, m, -1)
-
-    def _remember(self, memory, cache, keys, valid):
-        """Append M_n (and its recall key) to the cache; keep the last ``cache_size`` vectors."""
-        new_keys = self.model.recall.keys(memory)
-        if cache is None:
-            cache, keys = memory, new_keys
-        else:
-            cache = torch.cat([cache, memory], dim=1)
-            keys = torch.cat([keys, new_keys], dim=1)
-            if valid is not None:
-                valid = F.pad(valid, (0, memory.shape[1]), value=True)
-        n = self.cfg.cache_size
-        if cache.shape[1] > n:
-            cache, keys = cache[:, -n:], keys[:, -n:]
-            valid = valid[:, -n:] if valid is not None else None
-        return cache, keys, valid
 
     # ------------------------------------------------------------------ outputs
     def _kept(self, n: int) -> bool:

@@ -49,6 +49,29 @@ class MemoryRecall(nn.Module):
         when it enters the cache, not at every later recall."""
         return self.k_proj(memories.to(self.k_proj.weight.dtype))
 
+    def remember(
+        self,
+        memory: torch.Tensor,
+        cache: Optional[torch.Tensor],
+        keys: Optional[torch.Tensor],
+        valid: Optional[torch.Tensor],
+        cache_size: int,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Append the new memory ``[b, m, d]`` (and its key) to the cache, keeping the newest
+        ``cache_size`` vectors. Returns the new ``(cache, keys, valid)``."""
+        new_keys = self.keys(memory)
+        if cache is None:
+            cache, keys = memory, new_keys
+        else:
+            cache = torch.cat([cache, memory], dim=1)
+            keys = torch.cat([keys, new_keys], dim=1)
+            if valid is not None:
+                valid = F.pad(valid, (0, memory.shape[1]), value=True)
+        if cache.shape[1] > cache_size:
+            cache, keys = cache[:, -cache_size:], keys[:, -cache_size:]
+            valid = valid[:, -cache_size:] if valid is not None else None
+        return cache, keys, valid
+
     def forward(
         self,
         summary: torch.Tensor,
