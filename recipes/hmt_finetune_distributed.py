@@ -19,12 +19,11 @@ Everything else (checkpoints, resume, two stages, validation) is as in the singl
 recipe; only rank 0 writes.
 """
 
-import math
 import sys
 import time
 from datetime import timedelta
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 import torch.distributed as dist
@@ -42,8 +41,9 @@ from hmt_plugin.training.data_setup import (
     build_documents,
     build_tokenizer,
     pad_id_of,
+    steps_per_epoch,
 )
-from hmt_plugin.training.loss import LossAccumulator, segment_loss
+from hmt_plugin.training.loss import LossAccumulator, batch_loss
 from hmt_plugin.training.model_setup import (
     build_checkpointer,
     checkpoint_parts,
@@ -89,7 +89,7 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
 
-        resume_from = self._find_resume_point()
+        resume_from = ckpt.resume_point(self._output_dir, self._resume)
         recipe_state = ckpt.load_recipe_state(resume_from) if resume_from else None
         if recipe_state is not None:
             self.seed = recipe_state["seed"]
@@ -126,14 +126,9 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
             world_size=self.world_size,
             rank=self.rank,
         )
-        self._steps_per_epoch = len(self._dataloader) // self._grad_accum
-        if self.max_steps_per_epoch is not None:
-            self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
-        if self._steps_per_epoch < 1:
-            raise ValueError(
-                f"one epoch has {len(self._dataloader)} batches per rank, fewer than "
-                f"gradient_accumulation_steps={self._grad_accum}; add data or lower it."
-            )
+        self._steps_per_epoch = steps_per_epoch(
+            len(self._dataloader), self._grad_accum, self.max_steps_per_epoch
+        )
         self._lr_scheduler = config.instantiate(
             cfg.lr_scheduler,
             self._optimizer,
@@ -145,18 +140,6 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
         if cfg.get("profiler") and self._is_rank_zero:
             self._profiler, _ = config.instantiate(cfg.profiler)
         self._validation_cfg = cfg.get("validation")
-
-    def _find_resume_point(self) -> Optional[Any]:
-        if not self._resume:
-            return None
-        found = ckpt.latest_checkpoint(self._output_dir)
-        if found is None:
-            raise FileNotFoundError(
-                f"resume_from_checkpoint=True but {self._output_dir} holds no complete step "
-                "checkpoint; run without it to start fresh."
-            )
-        utils.log_rank_zero(log, f"Resuming from {found}")
-        return found
 
     def _setup_model(self, cfg: DictConfig, resume_from) -> torch.nn.Module:
         with training.set_default_dtype(self._dtype), torch.device("meta"):
@@ -278,17 +261,6 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
         dist.barrier()
 
     # ------------------------------------------------------------------ training
-    def _loss_step(self, batch: Dict[str, torch.Tensor]):
-        seq_lens = batch["seq_lens"].tolist()
-        tokens = batch["tokens"].to(self._device)
-        labels = batch["labels"].to(self._device)
-        out = self._model(
-            tokens, seq_lens=seq_lens, labels=labels, logits="none", loss_scope=self._loss_scope
-        )
-        return segment_loss(
-            out.nll, labels, seq_lens, self._model.config.tokens_per_segment, self._loss_scope
-        )
-
     def train(self) -> None:
         self._model.train()
         with self._profiler as profiler:
@@ -313,7 +285,7 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
             for idx, batch in enumerate(self._dataloader):
                 if steps_done_in_epoch >= self._steps_per_epoch:
                     break
-                loss = self._loss_step(batch)
+                loss = batch_loss(self._model, batch, self._device, self._loss_scope)
                 loss.loss_sum.backward()
                 sums.add(loss)
                 if (idx + 1) % self._grad_accum != 0:
@@ -338,13 +310,7 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
     def _optimizer_step(self, sums: LossAccumulator, elapsed: float) -> Dict[str, float]:
         sums.all_reduce()
         metrics = sums.metrics(elapsed, self.world_size)
-        if not math.isfinite(metrics["loss"]):
-            latest = ckpt.latest_checkpoint(self._output_dir)
-            raise FloatingPointError(
-                f"the loss is {metrics['loss']} at step {self.global_step + 1}; stopping before "
-                f"the optimizer step. The last good checkpoint is {latest or 'none yet'}. Lower "
-                "the learning rate, enable clip_grad_norm, or use dtype=fp32."
-            )
+        ckpt.check_finite_loss(metrics["loss"], self.global_step + 1, self._output_dir)
         # FSDP averages gradients over ranks; the loss is a sum over all ranks' targets.
         training.scale_grads(self._model, self.world_size / sums.num_tokens)
         if self._clip_grad_norm is not None:

@@ -18,10 +18,9 @@ activation checkpointing, compile, metric loggers and the profiler. What HMT add
   the stage-1 run's ``final`` checkpoint.
 """
 
-import math
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 from omegaconf import DictConfig
@@ -35,8 +34,9 @@ from hmt_plugin.training.data_setup import (
     build_documents,
     build_tokenizer,
     pad_id_of,
+    steps_per_epoch,
 )
-from hmt_plugin.training.loss import LossAccumulator, segment_loss
+from hmt_plugin.training.loss import LossAccumulator, batch_loss
 from hmt_plugin.training.model_setup import (
     build_checkpointer,
     checkpoint_parts,
@@ -80,7 +80,7 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._metric_logger = config.instantiate(cfg.metric_logger)
         self._metric_logger.log_config(cfg)
 
-        resume_from = self._find_resume_point()
+        resume_from = ckpt.resume_point(self._output_dir, self._resume)
         recipe_state = ckpt.load_recipe_state(resume_from) if resume_from else None
         if recipe_state is not None:
             self.seed = recipe_state["seed"]
@@ -115,14 +115,9 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
             seed=self.seed,
             pad_id=pad_id_of(self._tokenizer),
         )
-        self._steps_per_epoch = len(self._dataloader) // self._grad_accum
-        if self.max_steps_per_epoch is not None:
-            self._steps_per_epoch = min(self._steps_per_epoch, self.max_steps_per_epoch)
-        if self._steps_per_epoch < 1:
-            raise ValueError(
-                f"one epoch has {len(self._dataloader)} batches, fewer than "
-                f"gradient_accumulation_steps={self._grad_accum}; add data or lower it."
-            )
+        self._steps_per_epoch = steps_per_epoch(
+            len(self._dataloader), self._grad_accum, self.max_steps_per_epoch
+        )
         total_steps = self.total_epochs * self._steps_per_epoch
         self._lr_scheduler = config.instantiate(
             cfg.lr_scheduler, self._optimizer, num_training_steps=total_steps
@@ -136,18 +131,6 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
             self._profiler, _ = config.instantiate(cfg.profiler)
         self._validation_cfg = cfg.get("validation")
         self._cfg = cfg
-
-    def _find_resume_point(self) -> Optional[Any]:
-        if not self._resume:
-            return None
-        found = ckpt.latest_checkpoint(self._output_dir)
-        if found is None:
-            raise FileNotFoundError(
-                f"resume_from_checkpoint=True but {self._output_dir} holds no complete step "
-                "checkpoint; run without it to start fresh."
-            )
-        log.info(f"Resuming from {found}")
-        return found
 
     def _setup_model(self, cfg: DictConfig, resume_from) -> torch.nn.Module:
         with training.set_default_dtype(self._dtype), self._device:
@@ -232,17 +215,6 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
         log.info(f"Checkpoint written to {path}")
 
     # ------------------------------------------------------------------ training
-    def _loss_step(self, batch: Dict[str, torch.Tensor]):
-        seq_lens = batch["seq_lens"].tolist()
-        tokens = batch["tokens"].to(self._device)
-        labels = batch["labels"].to(self._device)
-        out = self._model(
-            tokens, seq_lens=seq_lens, labels=labels, logits="none", loss_scope=self._loss_scope
-        )
-        return segment_loss(
-            out.nll, labels, seq_lens, self._model.config.tokens_per_segment, self._loss_scope
-        )
-
     def train(self) -> None:
         self._model.train()
         with self._profiler as profiler:
@@ -263,7 +235,7 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
             for idx, batch in enumerate(self._dataloader):
                 if steps_done_in_epoch >= self._steps_per_epoch:
                     break
-                loss = self._loss_step(batch)
+                loss = batch_loss(self._model, batch, self._device, self._loss_scope)
                 loss.loss_sum.backward()
                 sums.add(loss)
                 if (idx + 1) % self._grad_accum != 0:
@@ -288,14 +260,7 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
 
     def _optimizer_step(self, sums: LossAccumulator, elapsed: float) -> Dict[str, float]:
         metrics = sums.metrics(elapsed)
-        loss_value = metrics["loss"]
-        if not math.isfinite(loss_value):
-            latest = ckpt.latest_checkpoint(self._output_dir)
-            raise FloatingPointError(
-                f"the loss is {loss_value} at step {self.global_step + 1}; stopping before the "
-                f"optimizer step. The last good checkpoint is {latest or 'none yet'}. Lower the "
-                "learning rate, enable clip_grad_norm, or use dtype=fp32."
-            )
+        ckpt.check_finite_loss(metrics["loss"], self.global_step + 1, self._output_dir)
         training.scale_grads(self._model, 1 / sums.num_tokens)
         if self._clip_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(

@@ -13,7 +13,6 @@ from typing import Any, Callable, Dict
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from hmt_plugin.checkpointing import HMTCheckpointError
 from hmt_plugin.checkpointing.tiny_checkpoint import tiny_llama_checkpointer
@@ -527,7 +526,7 @@ CASES = [
         "gradient_accumulation_steps beyond an epoch",
         lambda c: demo(c, gradient_accumulation_steps=100),
         ValueError,
-        r"one epoch has 24 batches, fewer than gradient_accumulation_steps=100",
+        r"one epoch has 24 batches \(per rank\), fewer than gradient_accumulation_steps=100",
         r"add data or lower it",
     ),
 ]

@@ -1,7 +1,6 @@
 """`hmt-tune` knows our recipes and configs; every shipped config validates; a copied recipe
 runs with plain `tune run`; the named builders build the real architectures."""
 
-import shutil
 import sys
 from pathlib import Path
 

@@ -218,17 +218,18 @@ def test_diverging_loss_stops_at_the_step_and_keeps_the_last_good_checkpoint(tmp
 def test_nan_at_a_later_step_then_resume(reference, tmp_path, monkeypatch):
     """A NaN loss at step 3 (a bad batch, injected): the run stops before the optimizer step,
     step 2 stays the newest checkpoint, and resuming from it matches the uninterrupted run."""
-    from hmt_plugin.recipes.hmt_finetune_single_device import HMTFinetuneRecipeSingleDevice as R
+    import hmt_plugin.recipes.hmt_finetune_single_device as recipe
 
-    original = R._loss_step
+    original, calls = recipe.batch_loss, []
 
-    def loss_step(self, batch):
-        loss = original(self, batch)
-        if self.global_step == 2:
+    def loss_step(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # one micro-batch per step: the third is step 3's
             loss.loss_sum = loss.loss_sum * float("nan")
         return loss
 
-    monkeypatch.setattr(R, "_loss_step", loss_step)
+    monkeypatch.setattr(recipe, "batch_loss", loss_step)
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError, match=r"the loss is nan at step 3.*step_0000002"):
         run_in_process(SINGLE, demo_config(out))

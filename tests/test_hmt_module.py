@@ -16,7 +16,7 @@ from torchtune.models.qwen2 import qwen2
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 
 from hmt_plugin.models import hmt, hmt_tiny, lora_hmt_tiny
-from hmt_plugin.modules import HMT, HMTConfig
+from hmt_plugin.modules import HMTConfig
 from hmt_plugin.modules.backbone import embed_tokens, project, run_layers
 
 SMALL = dict(segment_length=24, num_sensory=4, recall_hidden_dim=16, cache_size=3, bptt_depth=8)

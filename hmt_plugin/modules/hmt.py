@@ -210,7 +210,6 @@ class HMT(nn.Module):
         Returns:
             HMTOutput
         """
-        cfg = self.config
         if loss_scope not in ("all", "last"):
             raise ValueError(f"loss_scope={loss_scope!r}: use 'all' or 'last'.")
         if not (logits in ("all", "none") or (isinstance(logits, int) and logits >= 0)):

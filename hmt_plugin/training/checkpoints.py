@@ -19,6 +19,7 @@ as it was, and ``latest_checkpoint`` only ever returns complete ones.
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -59,6 +60,33 @@ def latest_checkpoint(output_dir: os.PathLike) -> Optional[Path]:
     """The newest complete step checkpoint, or None."""
     found = complete_checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def resume_point(output_dir: os.PathLike, resume: bool) -> Optional[Path]:
+    """The checkpoint to resume from: None without ``resume_from_checkpoint``, else the newest
+    complete one (an error when there is none)."""
+    if not resume:
+        return None
+    found = latest_checkpoint(output_dir)
+    if found is None:
+        raise FileNotFoundError(
+            f"resume_from_checkpoint=True but {output_dir} holds no complete step checkpoint; "
+            "run without it to start fresh."
+        )
+    return found
+
+
+def check_finite_loss(loss: float, next_step: int, output_dir: os.PathLike) -> None:
+    """Stop before an optimizer step that would write NaN/inf into the weights, naming the
+    step and the last good checkpoint."""
+    if math.isfinite(loss):
+        return
+    latest = latest_checkpoint(output_dir)
+    raise FloatingPointError(
+        f"the loss is {loss} at step {next_step}; stopping before the optimizer step. The last "
+        f"good checkpoint is {latest or 'none yet'}. Lower the learning rate, enable "
+        "clip_grad_norm, or use dtype=fp32."
+    )
 
 
 def load_recipe_state(checkpoint: os.PathLike) -> Dict[str, Any]:

@@ -112,3 +112,16 @@ def build_dataloader(
         collate_fn=collate,
         drop_last=training,
     )
+
+
+def steps_per_epoch(num_batches: int, grad_accum: int, max_steps: Optional[int]) -> int:
+    """Optimizer steps in one epoch of ``num_batches`` batches (per rank)."""
+    steps = num_batches // grad_accum
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    if steps < 1:
+        raise ValueError(
+            f"one epoch has {num_batches} batches (per rank), fewer than "
+            f"gradient_accumulation_steps={grad_accum}; add data or lower it."
+        )
+    return steps

@@ -73,6 +73,16 @@ def segment_loss(
     )
 
 
+def batch_loss(model: torch.nn.Module, batch: Dict[str, torch.Tensor], device: torch.device, scope: str) -> SegmentLoss:
+    """Read one collated batch (``segment_collate``'s layout) with HMT and reduce it: the
+    recipes' loss step. No logits are kept: the model computes the NLL segment by segment."""
+    seq_lens = batch["seq_lens"].tolist()
+    tokens = batch["tokens"].to(device)
+    labels = batch["labels"].to(device)
+    out = model(tokens, seq_lens=seq_lens, labels=labels, logits="none", loss_scope=scope)
+    return segment_loss(out.nll, labels, seq_lens, model.config.tokens_per_segment, scope)
+
+
 class LossAccumulator:
     """Sums of :class:`SegmentLoss` over the micro-batches of one optimizer step (and, after
     :meth:`all_reduce`, over the ranks), so the loss is normalised by the step's total number

@@ -3,7 +3,7 @@ component arguments the component does not take — each named, with the likely 
 
 import difflib
 import inspect
-from typing import Any, Iterable, List
+from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig
 from torchtune.config._utils import _get_component_from_path
