@@ -174,3 +174,22 @@ def test_two_process_fsdp_matches_single_device(assets, tmp_path, kind):
     ws, wd = _weights(single / "final"), _weights(dist / "final")
     for k in ws:
         torch.testing.assert_close(wd[k], ws[k], atol=1e-5, rtol=1e-4)
+
+
+def test_activation_checkpointing_and_bf16(tmp_path):
+    """torchtune's activation checkpointing wraps the decoder layers inside the HMT wrapper
+    and recomputes exactly; bf16 trains and checkpoints in bf16."""
+    plain, ac, bf16 = tmp_path / "plain", tmp_path / "ac", tmp_path / "bf16"
+    run_in_process("hmt_finetune_single_device", demo_config(plain, max_steps_per_epoch=3))
+    run_in_process("hmt_finetune_single_device", demo_config(
+        ac, max_steps_per_epoch=3, enable_activation_checkpointing=True))
+    a, b = read_metrics(plain / "logs"), read_metrics(ac / "logs")
+    assert [a[s]["loss"] for s in (1, 2, 3)] == pytest.approx([b[s]["loss"] for s in (1, 2, 3)], abs=1e-6)
+
+    run_in_process("hmt_finetune_single_device", demo_config(
+        bf16, max_steps_per_epoch=3, dtype="bf16", enable_activation_checkpointing=True))
+    losses = [m["loss"] for m in read_metrics(bf16 / "logs").values()]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert _weights(bf16 / "final")["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    hmt_state, _, _ = load_hmt_checkpoint(bf16 / "final")
+    assert hmt_state["initial_memory"].dtype == torch.bfloat16
