@@ -684,8 +684,8 @@ def _profile_table(prof: Dict[str, Any], seg_len: int) -> str:
     names = list(dict.fromkeys([*a["phases_s"], *b["phases_s"]]))
     rows = [[n, a["phases_s"].get(n), b["phases_s"].get(n),
              100 * a["phases_s"].get(n, 0.0) / a["seconds"]] for n in names]
-    rows = [[n, x, y, round(z, 1)] for n, x, y, z in rows]
-    rows.append(["total", a["seconds"], b["seconds"], 100.0])
+    rows = [[n, x, y, f"{z:.1f}"] for n, x, y, z in rows]
+    rows.append(["total", a["seconds"], b["seconds"], "100.0"])
     lines = [f"### Where HMT's time goes, segment_length {seg_len}, {prof['tokens']} tokens\n",
              markdown_table(["phase", "HMT s", "baseline s", "% of HMT"], rows), "",
              _profile_summary(a, b), "",
