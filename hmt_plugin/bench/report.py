@@ -87,6 +87,22 @@ def machine_info(device: Any = "cpu", dtype: Optional[str] = None) -> Dict[str, 
     return info
 
 
+def git_state() -> Optional[Dict[str, Any]]:
+    """The commit of the code being measured and whether the working tree differs from it
+    (None outside a git checkout, e.g. an installed wheel)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(dirty)}
+
+
 class BenchRun:
     """The record of one benchmark invocation.
 
@@ -100,6 +116,7 @@ class BenchRun:
         self.command = shlex.join(["python", "-m", "hmt_plugin.bench", name, *argv])
         self.started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         self.load_start = load_average()
+        self.git = git_state()  # at the start: the code that is imported and measured
         self._t0 = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -113,6 +130,7 @@ class BenchRun:
             "benchmark": self.name,
             "command": self.command,
             "cwd": os.getcwd(),
+            "git": self.git,
             "started_at": self.started_at,
             "wall_s": round(self.elapsed(), 2),
             "load_avg_start": self.load_start,
@@ -184,8 +202,10 @@ def header(record: Dict[str, Any]) -> str:
     if "gpu" in m:
         where = f"{m['gpu']} ({m['gpu_memory_gib']} GiB), " + where
     load = f"load average {record['load_avg_start']} at start, {record['load_avg_end']} at end"
+    git = record.get("git") or {}
+    code = f" at {git['commit'][:10]}{' (modified)' if git.get('dirty') else ''}" if git else ""
     return (
-        f"`{record['command']}`\n"
+        f"`{record['command']}`{code}\n"
         f"{where}; device {m['device']}, {m['dtype']}; {load}; wall {record['wall_s']:.0f} s"
     )
 

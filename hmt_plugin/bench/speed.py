@@ -332,6 +332,7 @@ class PhaseTimer:
         ("module", "_nll", "cross-entropy"),
         ("reader", "_summaries", "representation pass (rest)"),
         ("reader", "_remember", "memory cache update"),
+        ("recall", "remember", "memory cache update"),
         ("reader", "_finish", "outputs and state assembly"),
         ("hmt", "_row_lengths", "input checks"),
         ("recall", "forward", "memory search (recall attention)"),
@@ -343,6 +344,7 @@ class PhaseTimer:
         self.calls: Dict[str, int] = {}
         self._stack: List[List[Any]] = []
         self._saved: List[Any] = []
+        self.missing: List[str] = []
 
     def _label(self, label: str) -> str:
         inside_summary = any(frame[0] == "representation pass (rest)" for frame in self._stack)
@@ -387,7 +389,13 @@ class PhaseTimer:
         }
         for owner_name, attr, label in self.TARGETS:
             owner = owners[owner_name]
-            original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+            # The model code moves things around; a function that is not there is skipped
+            # (its time shows up in its caller's phase or as unattributed).
+            space = owner.__dict__ if isinstance(owner, type) else vars(owner)
+            if attr not in space:
+                self.missing.append(f"{owner_name}.{attr}")
+                continue
+            original = space[attr]
             self._saved.append((owner, attr, original))
             setattr(owner, attr, self._wrap(original, label))
         return self
@@ -428,6 +436,7 @@ def profile_reads(
             "ms_per_1k_tokens": round(1000 * total / tokens * 1000, 2),
             "phases_s": {k: round(v, 4) for k, v in phases.items()},
             "calls": timer.calls,
+            "not_instrumented": timer.missing,
             "top_ops": [
                 {
                     "op": e.key,
