@@ -616,13 +616,18 @@ def tables(record: Dict[str, Any]) -> str:
     results = record["results"]
     info = results["info"]
     on_cpu = torch.device(record["settings"]["device"]).type == "cpu"
-    out = [f"## speed\n\n{header(record)}\n",
+    if info["cpu_clock"] == "thread_time":
+        clock = " CPU time ratios use the computing thread's CPU time (steady under other load)."
+    else:
+        clock = (" CPU time ratios use the process's CPU time over all threads (spin-waiting "
+                 "included, so not steady under other load: use --threads 1 on a busy machine).")
+    out = [f"## {record['benchmark']}\n\n{header(record)}\n",
            f"Backbone: {info['backbone_parameters']:,} parameters, random weights. tok/s: new "
            f"tokens per wall-clock second (median of the timed runs, variants interleaved). "
            f"Peak memory: {info['memory_probe']} (warm-up run)."
            + (" RSS: resident set above the start, sampled every 2 ms during the timed runs."
               if info["rss_during_timed_runs"] else "")
-           + (f" CPU time ratios use {info['cpu_clock']} (steady under other load)." if on_cpu else "")
+           + (clock if on_cpu else "")
            + "\n"]
     for seg_len in record["settings"]["segment_lengths"]:
         cells = [c for c in results["eval"] if c["segment_length"] == seg_len]
