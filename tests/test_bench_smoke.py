@@ -48,3 +48,15 @@ def test_speed_and_recall_write_valid_json(tmp_path, one_thread, capsys):
     accuracy = record["results"]["accuracy"]
     assert set(accuracy) == {"baseline", "rmt", "hmt", "hmt without recall"}
     assert all(0 <= accuracy[m][d]["accuracy"] <= 1 for m in accuracy for d in ("0", "1"))
+
+
+def test_quantized_writes_valid_json(tmp_path, one_thread):
+    from hmt_plugin.bench import quantized
+
+    out = tmp_path / "quantized.json"
+    quantized.main(["--tiny", "--out", str(out), *one_thread])
+    record = json.loads(out.read_text())
+    (cell,) = record["results"]["eval"]
+    assert cell["full"]["tokens_per_s"] > 0 and cell["quantized"]["tokens_per_s"] > 0
+    q = record["results"]["quantization"]
+    assert q["scheme"] == "int8_weight_only" and q["weight_bytes_after"] < q["weight_bytes_before"]

@@ -5,6 +5,7 @@ its tables.
     speed-gpu   the same on CUDA in bf16 with a Llama 3.2 1B-sized random backbone
     quality     pretrain a small Llama on books, fine-tune baseline / rmt / hmt, PPL by length
     recall      synthetic long-range recall accuracy by distance, baseline / rmt / hmt
+    quantized   full precision vs weight-only quantized HMT evaluation (tokens/s, memory)
 
 ``python -m hmt_plugin.bench <name> --help`` lists each one's options. Benchmarks are not
 tests: they are run by hand, never in CI.
@@ -20,6 +21,7 @@ COMMANDS = {
     "speed-gpu": ("hmt_plugin.bench.speed", "main_gpu"),
     "quality": ("hmt_plugin.bench.quality", "main"),
     "recall": ("hmt_plugin.bench.recall", "main"),
+    "quantized": ("hmt_plugin.bench.quantized", "main"),
 }
 
 
