@@ -60,3 +60,33 @@ def test_quantized_writes_valid_json(tmp_path, one_thread):
     assert cell["full"]["tokens_per_s"] > 0 and cell["quantized"]["tokens_per_s"] > 0
     q = record["results"]["quantization"]
     assert q["scheme"] == "int8_weight_only" and q["weight_bytes_after"] < q["weight_bytes_before"]
+
+
+def test_quality_budget_is_kept_under_reuse(tmp_path):
+    """A re-run with --reuse takes the step plan it made before instead of re-measuring the
+    speed, so an unchanged benchmark finds its configs unchanged and resumes its runs."""
+    import argparse
+
+    from hmt_plugin.bench.quality import budget_steps
+
+    def never_built():
+        raise AssertionError("the speed must not be measured again under --reuse")
+
+    args = argparse.Namespace(work_dir=str(tmp_path), reuse=True, pretrain_steps=None,
+                              pretrain_minutes=45.0)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "budget.json").write_text(
+        json.dumps({"pretrain": {"steps": 1825, "seconds_per_step": 1.345}}))
+    assert budget_steps(args, "pretrain", never_built, 16, 256, 1e-3) == (1825, 1.345)
+
+    # An explicit step count that differs from the plan is a new plan: measured and saved.
+    from hmt_plugin.models import hmt_tiny
+
+    args.pretrain_steps = 7
+    build = lambda: hmt_tiny(vocab_size=64, embed_dim=32, num_layers=1, num_heads=2,
+                             num_kv_heads=2, max_seq_len=16, mode="baseline",
+                             segment_length=16, bptt_depth=1)
+    steps, per_step = budget_steps(args, "pretrain", build, 2, 16, 1e-3)
+    assert steps == 7 and per_step > 0
+    saved = json.loads((tmp_path / "runs" / "budget.json").read_text())
+    assert saved["pretrain"]["steps"] == 7

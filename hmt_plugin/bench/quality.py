@@ -39,6 +39,7 @@ import torch
 
 from hmt_plugin.bench import runs
 from hmt_plugin.bench.report import BenchRun, header, machine_info, markdown_table, stderr, write_json
+from hmt_plugin.training.checkpoints import latest_checkpoint
 
 # A Books-Llama-5M-sized backbone (4 layers, d=256) and its settings; --quick shrinks all of it.
 DEFAULTS = dict(
@@ -212,14 +213,29 @@ def build(args, settings: Dict[str, Any], max_seq_len: int):
 
 def budget_steps(args, kind: str, build_model, batch: int, window: int, lr: float) -> Tuple[int, float]:
     """(steps, measured seconds per step): explicit ``--<kind>_steps``, or as many as fit in
-    ``--<kind>_minutes`` at the speed measured here (a few steps of the real model)."""
+    ``--<kind>_minutes`` at the speed measured here (a few steps of the real model).
+
+    The plan is kept in ``<work_dir>/runs/budget.json``: with ``--reuse`` an earlier plan is
+    taken as it was, so a re-measured speed cannot change the configs and force finished or
+    interrupted runs to start over.
+    """
+    plan_path = Path(args.work_dir) / "runs" / "budget.json"
+    plans = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
     explicit = getattr(args, f"{kind}_steps")
+    earlier = plans.get(kind)
+    if args.reuse and earlier and (not explicit or earlier["steps"] == int(explicit)):
+        return int(earlier["steps"]), float(earlier["seconds_per_step"])
     per_step = runs.seconds_per_step(build_model, batch, window, lr)
     if explicit:
-        return int(explicit), per_step
-    minutes = getattr(args, f"{kind}_minutes")
-    # The recipe also loads data and logs; 10% covers it on the machines we tried.
-    return max(1, int(minutes * 60 / (per_step * 1.1))), per_step
+        steps = int(explicit)
+    else:
+        minutes = getattr(args, f"{kind}_minutes")
+        # The recipe also loads data and logs; 10% covers it on the machines we tried.
+        steps = max(1, int(minutes * 60 / (per_step * 1.1)))
+    plans[kind] = {"steps": steps, "seconds_per_step": per_step}
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    plan_path.write_text(json.dumps(plans, indent=1))
+    return steps, per_step
 
 
 # ---------------------------------------------------------------------------- the benchmark
@@ -351,9 +367,18 @@ def _train(args, name, run_dir, cfg, launch, steps, per_step, tokens_per_step) -
     config_path = run_dir.parent / f"{name}.yaml"
     same = runs.same_config(cfg, config_path)
     runs.write_config(cfg, config_path)
+    resumed_from = None
     if args.reuse and same and runs.is_finished(run_dir):
         stderr(f"{name}: reusing {runs.final_dir(run_dir)}")
         wall = None
+    elif args.reuse and same and latest_checkpoint(run_dir) is not None:
+        # An interrupted run: continue it through the recipe's own resume, which replays the
+        # data order and LR schedule exactly, instead of starting over.
+        resumed_from = latest_checkpoint(run_dir)
+        stderr(f"{name}: resuming from {resumed_from}")
+        resume_path = runs.write_config({**cfg, "resume_from_checkpoint": True},
+                                        run_dir.parent / f"{name}.resume.yaml")
+        wall = runs.run_recipe(resume_path, **launch)
     else:
         stderr(f"{name}: {steps} steps"
                + (f" (measured {per_step:.3f} s/step)" if per_step else ""))
@@ -363,6 +388,8 @@ def _train(args, name, run_dir, cfg, launch, steps, per_step, tokens_per_step) -
         "config": str(config_path), "steps": steps, "epochs": cfg["epochs"],
         "tokens_per_step": tokens_per_step, "wall_s": None if wall is None else round(wall, 1),
         "seconds_per_step_measured": None if per_step is None else round(per_step, 4),
+        # wall_s covers only the resumed part of an interrupted run
+        "resumed_from": None if resumed_from is None else resumed_from.name,
         "final_metrics": metrics,
     }
 
