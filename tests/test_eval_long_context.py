@@ -1,6 +1,8 @@
 """Long-context scoring on tiny models: the one-pass scorer against reading each T alone,
 whole-document PPL, skipped documents, recall distances, peak memory, errors."""
 
+import json
+
 import pytest
 import torch
 
@@ -173,6 +175,17 @@ def test_table_and_plots(model, tmp_path):
     assert plot_ppl_vs_context(results, tmp_path / "ppl.png").stat().st_size > 1000
     assert plot_recall_distance(results, tmp_path / "hist.png").stat().st_size > 1000
     assert plot_recall_distance(results[:1], tmp_path / "none.png") is None
+
+    # Results read back from JSON are the same results, and the quality benchmark draws the
+    # same plots from its record.
+    from hmt_plugin.bench.quality import write_plots
+    from hmt_plugin.eval.long_context import LongContextResult
+
+    as_json = json.loads(json.dumps([r.to_dict() for r in results]))
+    assert [LongContextResult.from_dict(d) for d in as_json] == results
+    record = {"results": {"eval": {r.label: d for r, d in zip(results, as_json)}}}
+    written = write_plots(record, tmp_path / "bench")
+    assert [p.name for p in written] == ["quality_ppl_vs_context.png", "quality_recall_distance.png"]
 
 
 @pytest.mark.parametrize(

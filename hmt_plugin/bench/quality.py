@@ -529,4 +529,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     path = write_json(args.out, record)
     print(tables(record))
     print(f"\nWrote {path}")
+    for png in write_plots(record, Path(args.out).parent):
+        print(f"Wrote {png}")
     return record
+
+
+def write_plots(record: Dict[str, Any], out_dir: Path) -> List[Path]:
+    """``quality_ppl_vs_context.png`` (every reader) and ``quality_recall_distance.png``
+    (the HMT reader's recalls) from a quality record, as ``hmt_eval`` draws them."""
+    from hmt_plugin.eval.long_context import LongContextResult
+    from hmt_plugin.eval.plots import plot_ppl_vs_context, plot_recall_distance
+
+    results = [LongContextResult.from_dict(r) for r in record["results"]["eval"].values()]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [
+        plot_ppl_vs_context(results, out_dir / "quality_ppl_vs_context.png"),
+        plot_recall_distance([r for r in results if r.label == "hmt"],
+                             out_dir / "quality_recall_distance.png"),
+    ]
+    return [p for p in written if p is not None]

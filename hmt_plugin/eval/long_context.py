@@ -102,6 +102,16 @@ class LongContextResult:
         out["recall_distance"] = {str(k): v for k, v in sorted(self.recall_distance.items())}
         return out
 
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "LongContextResult":
+        """The inverse of :meth:`to_dict` (results read back from a JSON file)."""
+        data = dict(data)
+        data["context"] = [ContextLengthScore(**c) for c in data.get("context", [])]
+        if data.get("document") is not None:
+            data["document"] = DocumentScore(**data["document"])
+        data["recall_distance"] = {int(k): v for k, v in data.get("recall_distance", {}).items()}
+        return cls(**data)
+
 
 def check_context_lengths(context_lengths: Sequence[int], allow_empty: bool = False) -> List[int]:
     """Sorted unique context lengths; ``ValueError`` naming the field for bad values."""
