@@ -46,7 +46,7 @@ DEFAULTS = dict(
     vocab_size=4096, embed_dim=256, num_layers=4, num_heads=8, num_kv_heads=8,
     intermediate_dim=688, pretrain_seq_len=256, pretrain_batch_size=16, pretrain_lr=1e-3,
     pretrain_minutes=45.0, segment_length=128, num_sensory=16, recall_hidden_dim=128,
-    cache_size=300, bptt_depth=3, finetune_batch_size=4, finetune_lr=5e-4,
+    cache_size=300, bptt_depth=3, finetune_batch_size=4, finetune_lr=1e-4,
     finetune_minutes=8.0, context_lengths=[256, 1024, 4096, 16384], max_eval_tokens=16384,
     pieces_per_book=4, eval_batch_size=4, sentencepiece_sentences=400_000,
 )
