@@ -90,6 +90,8 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
             self._metric_logger.log_config(cfg)
 
         resume_from = ckpt.resume_point(self._output_dir, self._resume)
+        if resume_from is not None:
+            utils.log_rank_zero(log, f"Resuming from {resume_from}")
         recipe_state = ckpt.load_recipe_state(resume_from) if resume_from else None
         if recipe_state is not None:
             self.seed = recipe_state["seed"]

@@ -81,6 +81,8 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._metric_logger.log_config(cfg)
 
         resume_from = ckpt.resume_point(self._output_dir, self._resume)
+        if resume_from is not None:
+            log.info(f"Resuming from {resume_from}")
         recipe_state = ckpt.load_recipe_state(resume_from) if resume_from else None
         if recipe_state is not None:
             self.seed = recipe_state["seed"]

@@ -1,7 +1,6 @@
 """Run our recipes as a user does (``hmt-tune run ...`` in a subprocess) on tiny real assets."""
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,25 +104,6 @@ def run(args: List[str], *, cwd: Optional[Path] = None, timeout: int = 300, chec
 def run_recipe(recipe: str, config: Path, *extra: str, nproc: int = 1, **kw):
     launch = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
     return run([*HMT_TUNE, "run", *launch, recipe, "--config", str(config), *extra], **kw)
-
-
-def read_metrics(log_dir: Path) -> Dict[int, Dict[str, float]]:
-    """Per step, the metrics DiskLogger wrote (later files win: a resumed run appends one)."""
-    steps: Dict[int, Dict[str, float]] = {}
-    for path in sorted(Path(log_dir).glob("*.txt"), key=lambda p: p.stat().st_mtime):
-        for line in path.read_text().splitlines():
-            match = re.match(r"Step (\d+) \| (.*)", line)
-            if not match:
-                continue
-            values = {}
-            for item in match.group(2).split():
-                name, _, value = item.partition(":")
-                try:
-                    values[name] = float(value)
-                except ValueError:
-                    pass
-            steps[int(match.group(1))] = values
-    return steps
 
 
 def run_in_process(recipe: str, cfg) -> None:

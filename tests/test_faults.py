@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torchtune.training.checkpointing import _checkpointer as tt_checkpointer
 
+from hmt_plugin.bench.runs import read_metrics
 from hmt_plugin.checkpointing import load_hmt_checkpoint
 from hmt_plugin.training import checkpoints as ckpt
 from hmt_plugin.training.checkpoints import COMPLETE_MARKER, latest_checkpoint
@@ -29,7 +30,6 @@ from tests.recipe_utils import (
     HMT_TUNE,
     demo_config,
     env,
-    read_metrics,
     run_in_process,
     write_config,
 )

@@ -6,11 +6,12 @@ from omegaconf import OmegaConf
 from torchao.dtypes.nf4tensor import NF4Tensor
 from torchtune.training import FullModelHFCheckpointer
 
+from hmt_plugin.bench.runs import read_metrics
 from hmt_plugin.checkpointing import load_hmt_checkpoint
 from hmt_plugin.cli import config_path
 from hmt_plugin.models import qlora_hmt_tiny
 from hmt_plugin.training.model_setup import lora_settings, set_trainable
-from tests.recipe_utils import read_metrics, run_in_process
+from tests.recipe_utils import run_in_process
 
 # Dims NF4 can quantize: every frozen weight holds a multiple of 64 * 256 elements.
 NF4_DIMS = dict(vocab_size=64, embed_dim=128, num_heads=4, num_kv_heads=4, intermediate_dim=256)

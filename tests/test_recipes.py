@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torchtune.training import FullModelHFCheckpointer
 
+from hmt_plugin.bench.runs import read_metrics
 from hmt_plugin.checkpointing import load_hmt_checkpoint
 from hmt_plugin.training.checkpoints import COMPLETE_MARKER
 from tests.recipe_utils import (
@@ -19,7 +20,6 @@ from tests.recipe_utils import (
     env,
     lora_config,
     make_assets,
-    read_metrics,
     run_in_process,
     run_recipe,
     write_config,

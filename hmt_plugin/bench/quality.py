@@ -38,7 +38,15 @@ import numpy as np
 import torch
 
 from hmt_plugin.bench import runs
-from hmt_plugin.bench.report import BenchRun, header, machine_info, markdown_table, stderr, write_json
+from hmt_plugin.bench.report import (
+    BenchRun,
+    apply_quick,
+    header,
+    machine_info,
+    markdown_table,
+    stderr,
+    write_json,
+)
 from hmt_plugin.training.checkpoints import latest_checkpoint
 
 # A Books-Llama-5M-sized backbone (4 layers, d=256) and its settings; --quick shrinks all of it.
@@ -504,13 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quick:
-        explicit = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
-        for key, value in QUICK.items():
-            if key not in explicit:
-                setattr(args, key, value)
-        if "work_dir" not in explicit:
-            args.work_dir = "outputs/bench/quality-quick"
+    apply_quick(args, argv, QUICK, work_dir="outputs/bench/quality-quick")
     if not 0 < args.stage1_fraction < 1:
         parser.error("--stage1_fraction must be in (0, 1)")
     if args.segment_length > args.pretrain_seq_len:

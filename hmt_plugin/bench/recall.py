@@ -26,7 +26,15 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from hmt_plugin.bench import runs
-from hmt_plugin.bench.report import BenchRun, header, machine_info, markdown_table, stderr, write_json
+from hmt_plugin.bench.report import (
+    BenchRun,
+    apply_quick,
+    header,
+    machine_info,
+    markdown_table,
+    stderr,
+    write_json,
+)
 
 DIMS = dict(vocab_size=32, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_dim=128)
 MODELS = ("baseline", "rmt", "hmt")
@@ -195,13 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.quick:
-        explicit = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
-        for key, value in QUICK.items():
-            if key not in explicit:
-                setattr(args, key, value)
-        if "work_dir" not in explicit:
-            args.work_dir = "outputs/bench/recall-quick"
+    apply_quick(args, argv, QUICK, work_dir="outputs/bench/recall-quick")
     if min(args.distances) < 0:
         parser.error("--distances must be >= 0")
     if args.out is None:

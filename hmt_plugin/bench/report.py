@@ -11,6 +11,7 @@ average and the clock at the start, and at the end writes one JSON file::
 Tables are printed as Markdown, so they can be pasted into the README as they are.
 """
 
+import argparse
 import datetime
 import json
 import os
@@ -208,6 +209,18 @@ def header(record: Dict[str, Any]) -> str:
         f"`{record['command']}`{code}\n"
         f"{where}; device {m['device']}, {m['dtype']}; {load}; wall {record['wall_s']:.0f} s"
     )
+
+
+def apply_quick(args: argparse.Namespace, argv: Sequence[str], quick: Dict[str, Any],
+                work_dir: str) -> None:
+    """``--quick``: the small settings in ``quick`` and ``work_dir``, except where the command
+    line set a value itself."""
+    if not args.quick:
+        return
+    explicit = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
+    for key, value in {**quick, "work_dir": work_dir}.items():
+        if key not in explicit:
+            setattr(args, key, value)
 
 
 def stderr(message: str) -> None:

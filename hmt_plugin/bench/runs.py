@@ -105,7 +105,8 @@ def _run_in_process(config: Path, threads: Optional[int]) -> None:
 
 
 def read_metrics(log_dir: Path) -> Dict[int, Dict[str, float]]:
-    """Per step, what torchtune's ``DiskLogger`` wrote (``Step N | name:value ...``)."""
+    """Per step, what torchtune's ``DiskLogger`` wrote (``Step N | name:value ...``); for a step
+    logged twice (a resumed run starts a new file), the newer file wins."""
     steps: Dict[int, Dict[str, float]] = {}
     for path in sorted(Path(log_dir).glob("*.txt"), key=lambda p: p.stat().st_mtime):
         for line in path.read_text().splitlines():
@@ -119,7 +120,7 @@ def read_metrics(log_dir: Path) -> Dict[int, Dict[str, float]]:
                     values[name] = float(value)
                 except ValueError:
                     pass
-            steps.setdefault(int(match.group(1)), {}).update(values)
+            steps[int(match.group(1))] = values
     return steps
 
 
@@ -147,19 +148,18 @@ def schedule(total_steps: int, batches_per_epoch: int) -> Dict[str, int]:
 def seconds_per_step(build_model, batch_size: int, window: int, lr: float, steps: int = 3) -> float:
     """Wall time of one optimizer step (forward, backward, AdamW) of a freshly built model on
     random tokens, after one warm-up step: how many steps fit in a time budget."""
-    from hmt_plugin.training.loss import segment_loss
+    from hmt_plugin.training.loss import batch_loss
 
     model = build_model()
     model.train()
     vocab = model.backbone.tok_embeddings.num_embeddings
     tokens = torch.randint(0, vocab, (batch_size, window))
-    lengths = [window] * batch_size
+    batch = {"tokens": tokens, "labels": tokens, "seq_lens": torch.full((batch_size,), window)}
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     times = []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        out = model(tokens, seq_lens=lengths, labels=tokens, logits="none", loss_scope="last")
-        loss = segment_loss(out.nll, tokens, lengths, model.config.tokens_per_segment, "last")
+        loss = batch_loss(model, batch, tokens.device, "last")
         (loss.loss_sum / loss.num_tokens).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -22,7 +22,7 @@ Each cell starts with one untimed run that warms up and measures peak memory (se
 reads every token in the segment pass (``segment_length`` slots for ``tokens_per_segment``
 new tokens) plus ``sum_fraction`` of it in the representation pass, so its floor is about 1.5.
 
-Then one training step (forward + backward, the recipe's ``segment_loss``) over a window of
+Then one training step (forward + backward, the recipes' ``batch_loss``) over a window of
 ``bptt_depth`` segments, HMT against ``baseline``, at each ``--train_depths``.
 
 If the (a)/(b) ratio exceeds ``--target_ratio`` (or with ``--profile always``), the time of
@@ -48,7 +48,7 @@ from hmt_plugin.bench.report import BenchRun, header, machine_info, markdown_tab
 from hmt_plugin.modules.backbone import embed_tokens, project, run_layers
 from hmt_plugin.modules.hmt import HMT
 from hmt_plugin.modules.hmt_config import HMTConfig
-from hmt_plugin.training.loss import segment_loss
+from hmt_plugin.training.loss import batch_loss
 
 # Backbone sizes. ``cpu-28m`` makes a 100k-token document a matter of minutes on a few CPU
 # cores; ``llama3_2_1b`` has the dimensions of Llama 3.2 1B (random weights: speed and
@@ -189,9 +189,9 @@ def train_step(model: HMT, tokens: torch.Tensor, loss_scope: str) -> torch.Tenso
     """One forward + backward over a window, as the fine-tuning recipe computes it."""
     for p in model.parameters():
         p.grad = None
-    lengths = [tokens.shape[1]] * tokens.shape[0]
-    out = model(tokens, seq_lens=lengths, labels=tokens, logits="none", loss_scope=loss_scope)
-    loss = segment_loss(out.nll, tokens, lengths, model.config.tokens_per_segment, loss_scope)
+    rows, width = tokens.shape
+    batch = {"tokens": tokens, "labels": tokens, "seq_lens": torch.full((rows,), width)}
+    loss = batch_loss(model, batch, tokens.device, loss_scope)
     (loss.loss_sum / loss.num_tokens).backward()
     return loss.loss_sum.detach() / loss.num_tokens
 
