@@ -90,3 +90,40 @@ def test_quality_budget_is_kept_under_reuse(tmp_path):
     assert steps == 7 and per_step > 0
     saved = json.loads((tmp_path / "runs" / "budget.json").read_text())
     assert saved["pretrain"]["steps"] == 7
+
+
+def test_quality_runs_end_to_end_and_scores_full_segments(tmp_path):
+    """The quality benchmark at --quick sizes on books the test writes: every reader gets a
+    score per T, each mode scores a full last segment of its own (T cut to whole segments),
+    and the tables and plots are written."""
+    import random
+
+    from hmt_plugin.bench import quality
+    from hmt_plugin.modules.hmt_config import HMTConfig
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnoprstuvw") for _ in range(rng.randint(2, 8)))
+             for _ in range(600)]
+    books = tmp_path / "books"
+    books.mkdir()
+    for b in range(5):
+        sentences = (" ".join(rng.choices(words, k=rng.randint(5, 14))).capitalize() + "."
+                     for _ in range(400))
+        (books / f"book_{b}.txt").write_text("\n".join(sentences))
+    record = quality.main(["--books", str(books), "--quick", "--launcher", "inprocess",
+                           "--work_dir", str(tmp_path / "work"), "--threads", "1"])
+    res, settings = record["results"], record["settings"]
+    assert set(res["eval"]) == {"pretrained backbone (no memory)", "baseline", "rmt",
+                                "hmt stage 1", "hmt", "hmt without recall"}
+    modes = {"pretrained backbone (no memory)": "baseline", "baseline": "baseline", "rmt": "rmt",
+             "hmt stage 1": "hmt_stage1", "hmt": "hmt", "hmt without recall": "hmt_stage1"}
+    for label, mode in modes.items():
+        tps = HMTConfig(segment_length=settings["segment_length"], mode=mode,
+                        num_sensory=settings["num_sensory"]).tokens_per_segment
+        read = res["context_lengths_read"][label]
+        assert len(read) == len(res["context_lengths"])
+        assert all(t % tps == 0 and abs(t - n) < tps for t, n in zip(read, res["context_lengths"]))
+        for score in res["eval"][label]["context"]:
+            # a full last segment: tps targets per document (tps - 1 when T is one segment)
+            assert score["tokens"] >= score["documents"] * (tps - 1) > 0
+    assert (tmp_path / "work" / "quality_ppl_vs_context.png").is_file()

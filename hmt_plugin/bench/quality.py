@@ -26,6 +26,7 @@ Steps (each a real run of the fine-tuning recipe on a config generated in ``--wo
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -137,8 +138,10 @@ def train_tokenizer(train_dir: Path, out_dir: Path, vocab_size: int, max_sentenc
             text = strip_gutenberg(book.read_text(encoding="utf-8-sig"))
             for paragraph in text.split("\n\n"):
                 line = " ".join(paragraph.split())
-                if line:
-                    f.write(line + "\n")
+                # SentencePiece drops lines over 4192 bytes: a text without blank lines
+                # between paragraphs goes in line by line instead.
+                lines = [line] if len(line) < 4000 else paragraph.splitlines()
+                f.writelines(x.strip() + "\n" for x in lines if x.strip())
     stderr(f"training a {vocab_size}-piece SentencePiece tokenizer on {train_dir}")
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(out_dir / "tokenizer"), vocab_size=vocab_size,
@@ -346,20 +349,26 @@ def run_quality(args: argparse.Namespace) -> Dict[str, Any]:
         ("hmt", "hmt", "hmt", None),
         ("hmt without recall", "hmt", "hmt_stage1", None),
     ]
-    scores = {}
+    scores, read_at = {}, {}
     for label, run_name, mode, settings in readers:
         final = runs.final_dir(work / "runs" / run_name)
         settings = settings or runs.hmt_settings_from(final)
-        stderr(f"evaluating {label} ({len(pieces)} pieces, T = {ts})")
         model = runs.load_trained(final, build(args, settings, S), work_dir=work / "scratch")
+        # Each mode holds a different number of new tokens per segment; T cut to whole
+        # segments makes every mode score a full last segment, not a few tokens at the start
+        # of one (where any model does worst), at a T within one segment of the nominal one.
+        tps = dataclasses.replace(model.config, mode=mode).tokens_per_segment
+        read_at[label] = {t: max(tps, t - t % tps) for t in ts}
+        stderr(f"evaluating {label} ({len(pieces)} pieces, T = {list(read_at[label].values())})")
         result = evaluate_long_context(
-            model, pieces, context_lengths=ts, mode=mode, label=label,
-            batch_size=args.eval_batch_size, chunk_segments=args.chunk_segments,
+            model, pieces, context_lengths=list(read_at[label].values()), mode=mode,
+            label=label, batch_size=args.eval_batch_size, chunk_segments=args.chunk_segments,
             document_ppl=True, memory="none",
         )
         scores[label] = result.to_dict()
     results["eval"] = scores
     results["context_lengths"] = ts
+    results["context_lengths_read"] = {label: list(m.values()) for label, m in read_at.items()}
     return results
 
 
@@ -412,15 +421,24 @@ def tables(record: Dict[str, Any]) -> str:
            f"Trained on {len(data['train_books'])} books ({data['train_tokens']:,} tokens); "
            f"evaluated on {len(data['eval_books'])} held-out books "
            f"({', '.join(data['eval_books'])}), {data['eval_pieces']} pieces.\n"]
+    read_at = res.get("context_lengths_read") or {label: ts for label in labels}
+
+    def score_at(label: str, i: int) -> Optional[Dict[str, Any]]:
+        t = read_at[label][i]
+        s = next((c for c in scores[label]["context"] if c["context_length"] == t), None)
+        return s if s and s["tokens"] else None
+
     rows = []
-    for t in ts:
+    for i, t in enumerate(ts):
         row = [t]
         for label in labels:
-            s = next((c for c in scores[label]["context"] if c["context_length"] == t), None)
-            row.append(s["ppl"] if s and s["tokens"] else None)
+            s = score_at(label, i)
+            row.append(s["ppl"] if s else None)
         rows.append(row)
     rows.append(["all tokens"] + [scores[l]["document"]["ppl"] for l in labels])
     out.append("### Last-segment perplexity after T tokens of context (lower is better)\n")
+    out.append("Each mode reads T cut to a whole number of its own segments "
+               "(`context_lengths_read` in the JSON), so each scores a full last segment.\n")
     out.append(markdown_table(["T"] + labels, rows))
     runs_info = res["runs"]
     train_rows = [[name, r["steps"], r["tokens_per_step"], r["wall_s"],
@@ -431,10 +449,9 @@ def tables(record: Dict[str, Any]) -> str:
                               train_rows))
     if "hmt" in scores and "hmt without recall" in scores:
         rows = []
-        for t in ts:
-            with_r = next(c for c in scores["hmt"]["context"] if c["context_length"] == t)
-            without = next(c for c in scores["hmt without recall"]["context"] if c["context_length"] == t)
-            if with_r["tokens"] and without["tokens"]:
+        for i, t in enumerate(ts):
+            with_r, without = score_at("hmt", i), score_at("hmt without recall", i)
+            if with_r and without:
                 rows.append([t, with_r["ppl"], without["ppl"],
                              100 * (without["ppl"] - with_r["ppl"]) / with_r["ppl"]])
         out.append("\n### Memory recall ablation: the stage-2 HMT weights read with and without recall\n")
