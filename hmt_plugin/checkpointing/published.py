@@ -63,8 +63,23 @@ def hmt_config_from_published(args: Mapping[str, Any], **overrides: Any) -> HMTC
     for theirs, ours in PUBLISHED_HPARAMS.items():
         if given.get(theirs) is not None:
             values[ours] = given[theirs]
+    recall_dtype = published_recall_dtype(args)
+    if recall_dtype is not None:
+        values["recall_dtype"] = recall_dtype
     values.update(overrides)
     return HMTConfig(**values)
+
+
+def published_recall_dtype(args: Mapping[str, Any]) -> Optional[str]:
+    """The recall precision a published run's settings state: ``recall_dtype`` if given,
+    ``"bfloat16"`` for ``stock_recall: true`` (the stock published code keeps its recall in
+    bfloat16; reference cases say so with this flag), else None (not stated: the converter
+    then reads it off the dtype of ``cross_attn.wq.weight``)."""
+    if args.get("recall_dtype") is not None:
+        return str(args["recall_dtype"])
+    if args.get("stock_recall"):
+        return "bfloat16"
+    return None
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from typing import Any, Dict, Optional
 
 MODES = ("baseline", "rmt", "hmt_stage1", "hmt")
 SCORE_SCALES = ("sqrt", "linear", "published")
+RECALL_DTYPES = (None, "bfloat16", "float16", "float32")
 
 
 class HMTConfigError(ValueError):
@@ -38,6 +39,10 @@ class HMTConfig:
         score_scale (str): recall scores are divided by ``sqrt(d_h)`` (``"sqrt"``), by ``d_h``
             (``"linear"``), or as the published code does (``"published"``: by ``d_h`` when the
             embedding dim and d_h are both at least 4096, else by ``sqrt(d_h)``).
+        recall_dtype (Optional[str]): precision of the memory search. ``None`` (default):
+            the model's dtype, scores in float32. ``"bfloat16"``: as the published code runs
+            it (projections, query, cached memories and scores in bfloat16, softmax in float32
+            and cast back, P_n in bfloat16); converting a published checkpoint sets it.
     """
 
     segment_length: int = 256
@@ -49,6 +54,7 @@ class HMTConfig:
     cache_size: int = 300
     bptt_depth: int = 2
     score_scale: str = "sqrt"
+    recall_dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -82,6 +88,11 @@ class HMTConfig:
         need(
             self.score_scale in SCORE_SCALES,
             f"score_scale={self.score_scale!r} is unknown; use one of {', '.join(SCORE_SCALES)}.",
+        )
+        need(
+            self.recall_dtype in RECALL_DTYPES,
+            f"recall_dtype={self.recall_dtype!r} is unknown; use null (the model's dtype), "
+            "'bfloat16' (the published code's recall), 'float16' or 'float32'.",
         )
         overhead = self.segment_length - self.tokens_per_segment
         need(

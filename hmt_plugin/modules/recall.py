@@ -1,7 +1,7 @@
 """Memory search: a segment summary queries the cache of past memory embeddings."""
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,19 @@ def recall_scale(dim: int, hidden_dim: int, score_scale: str) -> float:
     raise ValueError(f"score_scale={score_scale!r}: use 'sqrt', 'linear' or 'published'.")
 
 
+def recall_torch_dtype(recall_dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
+    """``HMTConfig.recall_dtype`` as a torch dtype (None: the model's dtype)."""
+    if recall_dtype is None or isinstance(recall_dtype, torch.dtype):
+        return recall_dtype
+    value = getattr(torch, str(recall_dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(
+            f"recall_dtype={recall_dtype!r}: use null (the model's dtype), 'bfloat16', "
+            "'float16' or 'float32'."
+        )
+    return value
+
+
 class MemoryRecall(nn.Module):
     """Single-head cross-attention from segment summaries to cached memory embeddings.
 
@@ -36,18 +49,36 @@ class MemoryRecall(nn.Module):
         dim (int): embedding dim of the backbone.
         hidden_dim (int): d_h, width of the query/key projections.
         score_scale (str): see :func:`recall_scale`.
+        recall_dtype (Optional): None computes in the parameters' dtype (the scores in
+            float32). A dtype (``"bfloat16"``) runs the recall as the published code does:
+            projections, the query, the cached memories and the scores in that dtype, the
+            softmax in float32 and cast back, so P_n comes out in that dtype. The parameters
+            keep the model's dtype (a published bf16 checkpoint converts to it exactly); they
+            are rounded to ``recall_dtype`` where they are used.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, score_scale: str = "sqrt") -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        score_scale: str = "sqrt",
+        recall_dtype: Union[None, str, torch.dtype] = None,
+    ) -> None:
         super().__init__()
         self.q_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.k_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.scale = recall_scale(dim, hidden_dim, score_scale)
+        self.compute_dtype = recall_torch_dtype(recall_dtype)
+
+    def _project(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.compute_dtype is None:
+            return proj(x.to(proj.weight.dtype))
+        return F.linear(x.to(self.compute_dtype), proj.weight.to(self.compute_dtype))
 
     def keys(self, memories: torch.Tensor) -> torch.Tensor:
         """``[b, c, d]`` memory embeddings -> ``[b, c, d_h]`` keys. Computed once per memory,
         when it enters the cache, not at every later recall."""
-        return self.k_proj(memories.to(self.k_proj.weight.dtype))
+        return self._project(self.k_proj, memories)
 
     def remember(
         self,
@@ -89,12 +120,21 @@ class MemoryRecall(nn.Module):
 
         Returns:
             Tuple[torch.Tensor, torch.Tensor]: the recalled memory P_n ``[b, m, d]`` (dtype of
-            ``values``) and the softmax scores ``[b, m, c]`` (float32).
+            ``values``, or ``recall_dtype``) and the softmax scores ``[b, m, c]`` (float32;
+            with ``recall_dtype``, the rounded weights that were applied).
         """
-        query = self.q_proj(summary.to(self.q_proj.weight.dtype))
-        scores = torch.matmul(query, keys.transpose(1, 2)).float() / self.scale
+        query = self._project(self.q_proj, summary)
+        scores = torch.matmul(query, keys.transpose(1, 2))
+        if self.compute_dtype is None:
+            scores = scores.float() / self.scale
+        else:
+            # The published code divides before it leaves bfloat16; the rounding matters.
+            scores = (scores / self.scale).float()
         if valid is not None:
             scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         weights = F.softmax(scores, dim=-1)
-        recalled = torch.matmul(weights.to(values.dtype), values)
-        return recalled, weights
+        if self.compute_dtype is None:
+            return torch.matmul(weights.to(values.dtype), values), weights
+        weights = weights.to(self.compute_dtype)
+        recalled = torch.matmul(weights, values.to(self.compute_dtype))
+        return recalled, weights.float()
