@@ -47,6 +47,7 @@ def hmt(
     cache_size: int = 300,
     bptt_depth: int = 2,
     score_scale: str = "sqrt",
+    recall_dtype: Optional[str] = None,
 ) -> HMT:
     """Wrap a torchtune decoder with HMT. Usable as ``_component_`` in a YAML config::
 
@@ -77,5 +78,6 @@ def hmt(
         cache_size=cache_size,
         bptt_depth=bptt_depth,
         score_scale=score_scale,
+        recall_dtype=recall_dtype,
     )
     return HMT(build_backbone(backbone), config)

@@ -109,7 +109,9 @@ class HMT(nn.Module):
             self.initial_memory = nn.Parameter(torch.empty(m, dim))
         if config.uses_recall:
             self.summary_token = nn.Parameter(torch.empty(m, dim))
-            self.recall = MemoryRecall(dim, config.recall_hidden_dim or dim, config.score_scale)
+            self.recall = MemoryRecall(
+                dim, config.recall_hidden_dim or dim, config.score_scale, config.recall_dtype
+            )
         self.reset_hmt_parameters()
 
     # ------------------------------------------------------------------ parameters
