@@ -21,6 +21,7 @@ from hmt_plugin.modules.backbone import (
 from hmt_plugin.modules.hmt_config import HMTConfig, HMTConfigError
 from hmt_plugin.modules.layout import ragged_layout
 from hmt_plugin.modules.recall import MemoryRecall
+from hmt_plugin.modules.segment_checkpoint import maybe_checkpoint
 from hmt_plugin.modules.state import HMTState
 
 LogitsPolicy = Union[str, int]
@@ -191,6 +192,8 @@ class HMT(nn.Module):
         state: Optional[HMTState] = None,
         logits: LogitsPolicy = "all",
         loss_scope: str = "all",
+        nll: str = "all",
+        checkpoint_segments: bool = False,
     ) -> HMTOutput:
         """Read ``tokens`` segment by segment.
 
@@ -208,12 +211,23 @@ class HMT(nn.Module):
             loss_scope (str): ``"all"`` or ``"last"``: where ``nll`` carries gradients. With
                 ``"last"`` only the targets in each row's last segment do (the published
                 training loss); the others are computed without a graph, for logging.
+            nll (str): ``"all"``: NLL at every target. ``"loss"``: only in the segments that
+                hold some row's loss targets (``loss_scope``), 0 in the others; with
+                ``loss_scope="last"`` this skips the output projection of the earlier
+                segments, which only logging reads (the all-segment perplexity is then
+                unknown).
+            checkpoint_segments (bool): recompute each backbone call in backward instead of
+                keeping its activations (see :mod:`hmt_plugin.modules.segment_checkpoint`):
+                activation memory stops growing with the window's depth, for about one more
+                forward per segment. Same loss and gradients.
 
         Returns:
             HMTOutput
         """
         if loss_scope not in ("all", "last"):
             raise ValueError(f"loss_scope={loss_scope!r}: use 'all' or 'last'.")
+        if nll not in ("all", "loss"):
+            raise ValueError(f"nll={nll!r}: use 'all' (every target) or 'loss' (loss targets only).")
         if not (logits in ("all", "none") or (isinstance(logits, int) and logits >= 0)):
             raise ValueError(f"logits={logits!r}: use 'all', 'none' or a number of segments.")
         if tokens.dim() != 2:
@@ -243,7 +257,10 @@ class HMT(nn.Module):
                 f"state is for {state.batch_size} rows but tokens have {batch}; pass the state "
                 "of a call on the same batch of documents."
             )
-        return _Reader(self, tokens, labels, lengths, state, logits, loss_scope).run()
+        reader = _Reader(self, tokens, labels, lengths, state, logits, loss_scope)
+        reader.nll_everywhere = nll == "all"
+        reader.checkpoint = bool(checkpoint_segments)
+        return reader.run()
 
     def _row_lengths(
         self,
@@ -337,6 +354,9 @@ class _Reader:
         self.new_width = tokens.shape[1]
         self.logits_policy = logits_policy
         self.loss_scope = loss_scope
+        # Set by HMT.forward (its ``nll`` and ``checkpoint_segments``).
+        self.nll_everywhere = True
+        self.checkpoint = False
         self.state_in = state
         self.block = self.cfg.tokens_per_segment
         self.m = self.cfg.memory_tokens_used
@@ -448,7 +468,9 @@ class _Reader:
                 h = torch.cat([prefix, h, prefix], dim=1)
             counts = [[m, k_n, self.seg_lens[n][b], m] for b in range(self.batch)]
             attn_mask, positions = ragged_layout(counts, [m, k_n, w, m], self.device)
-            hidden = run_layers(self.decoder, h, mask=attn_mask, input_pos=positions)
+            hidden = maybe_checkpoint(
+                self.checkpoint, run_layers, self.decoder, h, mask=attn_mask, input_pos=positions
+            )
             token_hidden = hidden[:, m + k_n : m + k_n + w]
             self._outputs(n, token_hidden, logits_out, nll_pred)
 
@@ -496,7 +518,9 @@ class _Reader:
         x = torch.cat([probe, embed_tokens(self.decoder, ids), probe], dim=1)
         counts = [[m, min(h, self.seg_lens[n][row]), m] for row in range(b) for n in range(s)]
         attn_mask, positions = ragged_layout(counts, [m, h, m], self.device)
-        hidden = run_layers(self.decoder, x, mask=attn_mask, input_pos=positions)
+        hidden = maybe_checkpoint(
+            self.checkpoint, run_layers, self.decoder, x, mask=attn_mask, input_pos=positions
+        )
         out = self.decoder.norm(hidden[:, hidden.shape[1] - m :])
         return out.view(b, s, m, -1)
 
@@ -529,23 +553,29 @@ class _Reader:
             if targets is not None:
                 nll_pred.append(_nll(logits, targets))
             return
-        grad_from = w
-        if not torch.is_grad_enabled():
-            grad_from = w
-        elif self.loss_scope == "all":
-            grad_from = 0
+        # Positions loss_from.. predict a target of the loss (a row's last segment starts at
+        # n or n+1: the last position of segment n predicts the first target of n+1).
+        loss_from = w
+        if self.loss_scope == "all":
+            loss_from = 0
         else:
             for last in self._last_segment():
                 if last == n:
-                    grad_from = 0
+                    loss_from = 0
                 elif last == n + 1:
-                    grad_from = min(grad_from, w - 1)
+                    loss_from = min(loss_from, w - 1)
         parts = []
-        if grad_from > 0:
-            with torch.no_grad():
-                parts.append(_nll(project(self.decoder, token_hidden[:, :grad_from]), targets[:, :grad_from]))
-        if grad_from < w:
-            parts.append(_nll(project(self.decoder, token_hidden[:, grad_from:]), targets[:, grad_from:]))
+        if loss_from > 0:
+            if self.nll_everywhere:
+                with torch.no_grad():  # for logging only: no graph
+                    parts.append(_nll(project(self.decoder, token_hidden[:, :loss_from]), targets[:, :loss_from]))
+            else:
+                parts.append(token_hidden.new_zeros(self.batch, loss_from, dtype=torch.float32))
+        if loss_from < w:
+            parts.append(
+                maybe_checkpoint(self.checkpoint, _projected_nll, self.decoder,
+                                 token_hidden[:, loss_from:], targets[:, loss_from:])
+            )
         nll_pred.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
 
     def _first_target_nll(self, last_hidden: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -666,6 +696,11 @@ class _Reader:
         merged.pending = pending
         merged.pending_lengths = pend_len if pending is not None else None
         return merged.detach()
+
+
+def _projected_nll(decoder: TransformerDecoder, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``[b, w, d]`` hidden states before the final norm -> ``[b, w]`` NLL of ``targets``."""
+    return _nll(project(decoder, hidden), targets)
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
@@ -18,14 +18,15 @@ class SegmentLoss:
         loss_sum (torch.Tensor): summed NLL over the targets of ``scope`` (with graph).
         num_tokens (torch.Tensor): number of those targets.
         last_sum / last_tokens: summed NLL and count over each row's last segment (no graph).
-        all_sum / all_tokens: the same over every segment (no graph).
+        all_sum / all_tokens: the same over every segment (no graph); ``all_sum`` is None when
+            the NLL outside the loss was not computed (``log_all_segments=False``).
     """
 
     loss_sum: torch.Tensor
     num_tokens: torch.Tensor
     last_sum: torch.Tensor
     last_tokens: torch.Tensor
-    all_sum: torch.Tensor
+    all_sum: Optional[torch.Tensor]
     all_tokens: torch.Tensor
 
 
@@ -45,6 +46,7 @@ def segment_loss(
     seq_lens: Sequence[int],
     tokens_per_segment: int,
     scope: str,
+    all_segments: bool = True,
 ) -> SegmentLoss:
     """Reduce HMT's per-token NLL to the training loss of ``scope`` and both logging PPLs.
 
@@ -54,6 +56,8 @@ def segment_loss(
         seq_lens: real tokens per row.
         tokens_per_segment (int): the model's segment size in new tokens.
         scope (str): ``"last"`` (targets in each row's last segment) or ``"all"``.
+        all_segments (bool): ``nll`` holds every target's NLL (False: only the loss targets',
+            as ``HMT.forward(..., nll="loss")`` gives; ``all_sum`` is then None).
     """
     if scope not in LOSS_SCOPES:
         raise ValueError(f"loss_scope={scope!r}: use one of {LOSS_SCOPES}.")
@@ -68,19 +72,39 @@ def segment_loss(
         num_tokens=chosen.sum(),
         last_sum=torch.where(last, detached, zero).sum(),
         last_tokens=last.sum(),
-        all_sum=torch.where(scored, detached, zero).sum(),
+        all_sum=torch.where(scored, detached, zero).sum() if all_segments or scope == "all" else None,
         all_tokens=scored.sum(),
     )
 
 
-def batch_loss(model: torch.nn.Module, batch: Dict[str, torch.Tensor], device: torch.device, scope: str) -> SegmentLoss:
+def batch_loss(
+    model: torch.nn.Module,
+    batch: Dict[str, torch.Tensor],
+    device: torch.device,
+    scope: str,
+    *,
+    log_all_segments: bool = True,
+    checkpoint_segments: bool = False,
+) -> SegmentLoss:
     """Read one collated batch (``segment_collate``'s layout) with HMT and reduce it: the
-    recipes' loss step. No logits are kept: the model computes the NLL segment by segment."""
+    recipes' loss step. No logits are kept: the model computes the NLL segment by segment.
+
+    Args:
+        log_all_segments (bool): with ``scope="last"``, also compute the NLL of the earlier
+            segments, which only the logged ``ppl_all_segments`` reads (False skips their
+            output projection: the same loss and gradients, faster, and no all-segment PPL).
+        checkpoint_segments (bool): recompute each backbone call in backward (see
+            :mod:`hmt_plugin.modules.segment_checkpoint`).
+    """
     seq_lens = batch["seq_lens"].tolist()
     tokens = batch["tokens"].to(device)
     labels = batch["labels"].to(device)
-    out = model(tokens, seq_lens=seq_lens, labels=labels, logits="none", loss_scope=scope)
-    return segment_loss(out.nll, labels, seq_lens, model.config.tokens_per_segment, scope)
+    out = model(
+        tokens, seq_lens=seq_lens, labels=labels, logits="none", loss_scope=scope,
+        nll="all" if log_all_segments else "loss", checkpoint_segments=checkpoint_segments,
+    )
+    return segment_loss(out.nll, labels, seq_lens, model.config.tokens_per_segment, scope,
+                        all_segments=log_all_segments)
 
 
 class LossAccumulator:
@@ -98,7 +122,7 @@ class LossAccumulator:
                 loss.num_tokens.float(),
                 loss.last_sum.float(),
                 loss.last_tokens.float(),
-                loss.all_sum.float(),
+                loss.all_sum.float() if loss.all_sum is not None else torch.full_like(loss.last_sum.float(), math.nan),
                 loss.all_tokens.float(),
             ]
         )
@@ -112,11 +136,15 @@ class LossAccumulator:
         return self._sums[1]
 
     def metrics(self, elapsed: float, world_size: int = 1) -> Dict[str, float]:
-        """One host sync: the step's loss, both perplexities and throughput."""
+        """One host sync: the step's loss, both perplexities and throughput
+        (``ppl_all_segments`` only where the earlier segments' NLL was computed)."""
         loss, tokens, last, last_n, every, every_n = self._sums.tolist()
-        return {
+        out = {
             "loss": loss / max(tokens, 1.0),
             "ppl_last_segment": math.exp(min(last / max(last_n, 1.0), 50.0)),
             "ppl_all_segments": math.exp(min(every / max(every_n, 1.0), 50.0)),
             "tokens_per_second_per_rank": every_n / max(elapsed, 1e-9) / world_size,
         }
+        if math.isnan(every):
+            del out["ppl_all_segments"]
+        return out
