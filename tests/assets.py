@@ -31,3 +31,40 @@ def write_sentencepiece(directory: Path, vocab_size: int = 256) -> Path:
         minloglevel=2,
     )
     return prefix.with_suffix(".model")
+
+
+def write_hf_tokenizer(
+    directory: Path,
+    *,
+    vocab_size: int = 300,
+    bos_in_template: bool = True,
+    tokenizer_config: dict = None,
+    generation_config: dict = None,
+) -> Path:
+    """A byte-level BPE ``tokenizer.json`` trained here with the ``tokenizers`` library (ids 0-2:
+    ``<unk>``, ``<s>``, ``</s>``), its ``tokenizer_config.json`` (default: BOS ``<s>``, EOS
+    ``</s>``) and, if given, ``generation_config.json``. ``bos_in_template``: the post-processor
+    puts ``<s>`` in front, as Llama's does; off, as GPT-2-style tokenizers have it."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(TEXT.split(". ") * 20, trainer=trainer)
+    if bos_in_template:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>"} if tokenizer_config is None else tokenizer_config
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    if generation_config is not None:
+        (directory / "generation_config.json").write_text(json.dumps(generation_config))
+    return directory / "tokenizer.json"

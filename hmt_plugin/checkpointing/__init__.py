@@ -1,8 +1,10 @@
 from hmt_plugin.checkpointing.hf_backbone import (
+    COVERED_ARCHITECTURES,
     checkpointer_model_type,
     decoder_from_hf_config,
     read_hf_config,
 )
+from hmt_plugin.checkpointing.hf_checkpointer import hf_checkpointer, hf_weight_files
 from hmt_plugin.checkpointing.published import (
     hmt_config_from_published,
     load_published_hmt,
@@ -10,8 +12,11 @@ from hmt_plugin.checkpointing.published import (
 )
 
 __all__ = [
+    "COVERED_ARCHITECTURES",
     "checkpointer_model_type",
     "decoder_from_hf_config",
+    "hf_checkpointer",
+    "hf_weight_files",
     "hmt_config_from_published",
     "load_published_hmt",
     "read_hf_config",

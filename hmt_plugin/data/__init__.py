@@ -27,6 +27,7 @@ from hmt_plugin.data.cache import CACHE_ENV, default_cache_dir
 from hmt_plugin.data.collate import segment_collate
 from hmt_plugin.data.documents import TokenizedDocuments
 from hmt_plugin.data.gutenberg import strip_gutenberg
+from hmt_plugin.data.hf_tokenizer import HFTokenizer, hf_tokenizer
 from hmt_plugin.data.long_text import long_text_dataset
 from hmt_plugin.data.synthetic_recall import synthetic_recall_dataset
 from hmt_plugin.data.text_sources import DataSourceError
@@ -38,10 +39,12 @@ from hmt_plugin.data.windows import SegmentWindows
 __all__ = [
     "CACHE_ENV",
     "DataSourceError",
+    "HFTokenizer",
     "SegmentWindows",
     "TokenizedDocuments",
     "default_cache_dir",
     "dilated_dataset",
+    "hf_tokenizer",
     "interleaved_dataset",
     "long_text_dataset",
     "segment_collate",

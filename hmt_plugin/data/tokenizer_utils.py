@@ -67,6 +67,9 @@ def _model_contents(tokenizer: Any) -> Iterator[bytes]:
         if hasattr(obj, "serialized_model_proto"):  # sentencepiece.SentencePieceProcessor
             yield obj.serialized_model_proto()
             continue
+        if type(obj).__module__.startswith("tokenizers") and hasattr(obj, "to_str"):
+            yield obj.to_str().encode()  # tokenizers.Tokenizer: the whole tokenizer.json
+            continue
         ranks = getattr(obj, "_mergeable_ranks", None)  # tiktoken.Encoding
         if isinstance(ranks, dict):
             h = hashlib.sha256()
@@ -91,7 +94,8 @@ def _model_contents(tokenizer: Any) -> Iterator[bytes]:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hex digest identifying a tokenizer: its class, the content of its model (the
-    SentencePiece proto, tiktoken ranks or BPE vocabulary, whichever it has), its special ids
+    SentencePiece proto, tiktoken ranks, BPE vocabulary or ``tokenizer.json``, whichever it
+    has), its special ids
     and the ids it gives a probe text."""
     try:
         cached = _fingerprints.get(tokenizer)

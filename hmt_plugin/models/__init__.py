@@ -1,3 +1,4 @@
+from hmt_plugin.models._hf_backbone import hf_backbone
 from hmt_plugin.models._hmt_builder import build_backbone, hmt
 from hmt_plugin.models._model_builders import (
     hmt_llama2_7b,
@@ -16,6 +17,7 @@ from hmt_plugin.models._model_builders import (
 
 __all__ = [
     "build_backbone",
+    "hf_backbone",
     "hmt",
     "hmt_llama2_7b",
     "hmt_llama3_2_1b",

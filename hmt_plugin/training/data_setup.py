@@ -33,7 +33,9 @@ def build_tokenizer(cfg_tokenizer: Optional[DictConfig]) -> Any:
             raise FileNotFoundError(
                 f"tokenizer.{key}={value!r} does not exist. Point it at the model's tokenizer "
                 "file (tokenizer.model for Llama 2 / SentencePiece, tokenizer.model of Llama 3, "
-                "vocab.json and merges.txt for Qwen2), usually in the checkpoint directory."
+                "vocab.json and merges.txt for Qwen2; the checkpoint directory or its "
+                "tokenizer.json for hmt_plugin.data.hf_tokenizer), usually in the checkpoint "
+                "directory."
             )
     return config.instantiate(cfg_tokenizer)
 
