@@ -26,6 +26,7 @@ from hmt_plugin.modules import HMT, HMTConfig
 from tests.test_convert_helpers import (
     HF_CONFIG,
     HPARAMS,
+    PUBLISHED_LORA_TARGETS,
     assert_same_tensors,
     load_with_torchtune,
     published_state_dict,
@@ -58,7 +59,8 @@ def _from_ref(tmp_path, sd, config_path, name="ckpt.pt", **kwargs):
 # ----------------------------------------------------------------------------- round trips
 @pytest.mark.parametrize(
     "variant",
-    ["plain", "module_prefix", "bf16_recall", "stage1", "peft_kept", "safetensors", "deepspeed_fp32"],
+    ["plain", "module_prefix", "bf16_recall", "stage1", "peft_kept", "published_use_lora_kept",
+     "safetensors", "deepspeed_fp32"],
 )
 def test_reference_round_trip_is_bit_identical(tmp_path, config_path, variant):
     kwargs, name = {}, "ckpt.pt"
@@ -71,6 +73,10 @@ def test_reference_round_trip_is_bit_identical(tmp_path, config_path, variant):
         sd_args["stage"] = 1
     elif variant == "peft_kept":
         sd_args["lora_rank"] = 4
+        kwargs["lora"] = "keep"
+    elif variant == "published_use_lora_kept":
+        # The published --use_lora: embedding and every linear wrapped, r 8, alpha 32.
+        sd_args.update(lora_rank=8, lora_targets=PUBLISHED_LORA_TARGETS, prefix="module.")
         kwargs["lora"] = "keep"
     elif variant == "safetensors":
         name = "ckpt.safetensors"
@@ -110,8 +116,10 @@ def test_from_reference_layout(tmp_path, config_path):
                      "published_extras.safetensors"]
     assert (out / "config.json").read_bytes() == config_path.read_bytes()
     sd, config, meta = load_hmt_checkpoint(out)
+    # bf16 recall weights: the stock published code's, so its recall precision too.
     assert config == HMTConfig(segment_length=16, num_sensory=2, recall_hidden_dim=24, cache_size=3,
-                               bptt_depth=2, mode="hmt", score_scale="published")
+                               bptt_depth=2, mode="hmt", score_scale="published", recall_dtype="bfloat16")
+    assert any("recall_dtype: bfloat16" in n for n in result.notes)
     assert sd["recall.q_proj.weight"].dtype == torch.bfloat16  # kept as written
     assert torch.equal(sd["summary_token"], original["mem"])
     assert meta["published"]["extras"] == "published_extras.safetensors"
@@ -158,7 +166,7 @@ def _merged(original, rank, alpha=32.0):
             continue
         hf_key = key[len(prefix):].replace(".base_layer.", ".")
         module = key[: -len(".base_layer.weight")] if ".base_layer." in key else None
-        if module:
+        if module and f"{module}.lora_A.default.weight" in original:
             a, b = original[f"{module}.lora_A.default.weight"], original[f"{module}.lora_B.default.weight"]
             value = value + (alpha / rank) * b @ a
         out[hf_key] = value
@@ -214,6 +222,124 @@ def test_peft_lora_kept_as_torchtune_adapter(tmp_path, config_path):
     tokens = torch.randint(0, c["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(lora_model(tokens), merged(tokens), atol=1e-5, rtol=0)
+
+
+def _merged_embedding(original, rank, alpha):
+    """The published embedding LoRA merged by hand: W + alpha/r * (B @ A)^T."""
+    prefix = "memory_cell.model.base_model.model.model.embed_tokens."
+    base = original[prefix + "base_layer.weight"]
+    a, b = original[prefix + "lora_embedding_A.default"], original[prefix + "lora_embedding_B.default"]
+    return base + (alpha / rank) * (b @ a).T
+
+
+@pytest.mark.parametrize("mode", ["merge", "keep"])
+def test_published_use_lora_with_embedding(tmp_path, config_path, mode):
+    """The published --use_lora checkpoint (embed_tokens and every linear, r 8, alpha 32 by
+    default): merged, or linear adapters kept and the embedding merged (a note says so); the
+    model built from the result computes what the merged weights compute."""
+    original = published_state_dict(lora_rank=8, lora_targets=PUBLISHED_LORA_TARGETS)
+    out, result = _from_ref(tmp_path, original, config_path, lora=mode)
+    shards = read_shards(out)
+    torch.testing.assert_close(shards["model.embed_tokens.weight"], _merged_embedding(original, 8, 32.0),
+                               atol=1e-6, rtol=0)
+    assert any("embedding LoRA" in n and "merged" in n for n in result.notes)
+    expected = _merged(original, rank=8)
+    expected["model.embed_tokens.weight"] = _merged_embedding(original, 8, 32.0)
+    reference = decoder_from_hf_config(HF_CONFIG)
+    reference.load_state_dict(hf_to_tune(expected, num_heads=4, num_kv_heads=2, dim=32))
+    if mode == "merge":
+        for key, value in expected.items():
+            torch.testing.assert_close(shards[key], value, atol=1e-6, rtol=0)
+        decoder = decoder_from_hf_config(HF_CONFIG)
+        decoder.load_state_dict(load_with_torchtune(out, tmp_path / "tt"))
+    else:
+        adapter_config = json.loads((out / "adapter_config.json").read_text())
+        assert adapter_config["r"] == 8 and adapter_config["lora_alpha"] == 32.0
+        assert sorted(adapter_config["target_modules"]) == sorted(set(PUBLISHED_LORA_TARGETS) - {"embed_tokens"})
+        assert any("torchtune has no LoRA embedding" in n for n in result.notes)
+        c = HF_CONFIG
+        decoder = lora_llama3(
+            ["q_proj", "k_proj", "v_proj", "output_proj"], apply_lora_to_mlp=True,
+            vocab_size=c["vocab_size"], num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"],
+            num_kv_heads=c["num_key_value_heads"], embed_dim=c["hidden_size"], max_seq_len=64,
+            intermediate_dim=c["intermediate_size"], rope_base=c["rope_theta"], lora_rank=8, lora_alpha=32.0,
+        )
+        adapter = torch.load(out / "adapter_model.pt", weights_only=True)
+        decoder.load_state_dict({**load_with_torchtune(out, tmp_path / "tt"), **adapter})
+    tokens = torch.randint(0, HF_CONFIG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(tokens), reference(tokens), atol=1e-5, rtol=0)
+    # Back to the published layout: bit for bit when kept, merged and plain otherwise.
+    convert_to_reference(out, tmp_path / "back.pt", show_progress=False)
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    if mode == "keep":
+        assert list(back) == list(original)
+        assert_same_tensors(original, back)
+    else:
+        assert not any("lora" in k for k in back)
+
+
+def test_changed_embedding_goes_back_with_a_zero_embedding_adapter(tmp_path, config_path):
+    original = published_state_dict(lora_rank=4, lora_targets=("embed_tokens", "q_proj"))
+    out, _ = _from_ref(tmp_path, original, config_path, lora="keep")
+    # Someone edits the (merged) embedding after the conversion.
+    shard = next(out.glob("model-*.safetensors"))
+    tensors = load_file(str(shard))
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"] + 1.0
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    result = convert_to_reference(out, tmp_path / "back.pt", show_progress=False)
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    prefix = "memory_cell.model.base_model.model.model.embed_tokens."
+    assert torch.equal(back[prefix + "base_layer.weight"], tensors["model.embed_tokens.weight"])
+    assert not back[prefix + "lora_embedding_B.default"].any()
+    assert any("changed since the conversion" in n for n in result.notes)
+
+
+def test_lora_alpha_and_rank_from_the_settings(tmp_path, config_path):
+    original = published_state_dict(lora_rank=4, lora_targets=("embed_tokens", "q_proj"))
+    source = _save(original, tmp_path / "ckpt.pt")
+    convert_from_reference(source, tmp_path / "a", hf_config=config_path, show_progress=False,
+                           hparams={**HPARAMS, "lora": {"r": 4, "alpha": 8}})
+    expected = _merged_embedding(original, 4, 8.0)
+    torch.testing.assert_close(read_shards(tmp_path / "a")["model.embed_tokens.weight"], expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="lora_rank=8 was given"):
+        convert_from_reference(source, tmp_path / "b", hf_config=config_path, show_progress=False,
+                               hparams={**HPARAMS, "lora": {"r": 8, "alpha": 8}})
+
+
+@pytest.mark.parametrize("choice, expected", [("auto", "bfloat16"), ("model", None), ("float32", "float32")])
+def test_recall_dtype_choice(tmp_path, config_path, choice, expected):
+    out, _ = _from_ref(tmp_path, published_state_dict(recall_dtype=torch.bfloat16), config_path,
+                       recall_dtype=choice)
+    assert load_hmt_checkpoint(out)[1].recall_dtype == expected
+
+
+def test_fp32_recall_weights_keep_the_model_dtype_unless_stated(tmp_path, config_path):
+    source = _save(published_state_dict(), tmp_path / "ckpt.pt")
+    result = convert_from_reference(source, tmp_path / "a", hf_config=config_path, hparams=HPARAMS,
+                                    show_progress=False)
+    assert load_hmt_checkpoint(tmp_path / "a")[1].recall_dtype is None
+    assert any("--recall_dtype bfloat16" in n for n in result.notes)
+    convert_from_reference(source, tmp_path / "b", hf_config=config_path, show_progress=False,
+                           hparams={**HPARAMS, "stock_recall": True})
+    assert load_hmt_checkpoint(tmp_path / "b")[1].recall_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("flag, mode, new_tokens", [("rmt_only", "rmt", 16 - 2 - 2), ("baseline_only", "baseline", 16 - 2)])
+def test_rmt_and_baseline_runs_keep_the_published_segment(tmp_path, config_path, flag, mode, new_tokens):
+    """The published code reads segment_length - 2*memory - num_sensory new tokens in every
+    mode (memory 0 for the baseline); the converted config reads as many, and goes back to
+    the published segment_length."""
+    original = {k: v for k, v in published_state_dict(stage=1).items()
+                if mode != "baseline" or k != "memory_cell.memory"}
+    source = _save(original, tmp_path / "ckpt.pt")
+    convert_from_reference(source, tmp_path / "ours", hf_config=config_path, hparams={**HPARAMS, flag: True},
+                           show_progress=False)
+    config = load_hmt_checkpoint(tmp_path / "ours")[1]
+    assert (config.mode, config.tokens_per_segment) == (mode, new_tokens)
+    convert_to_reference(tmp_path / "ours", tmp_path / "back.pt", show_progress=False)
+    hparams = json.loads((tmp_path / "back.hparams.json").read_text())
+    assert hparams["segment_length"] == HPARAMS["segment_length"] and hparams[flag] is True
 
 
 # ----------------------------------------------------------------------------- to-reference of our own runs

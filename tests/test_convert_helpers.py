@@ -41,6 +41,8 @@ HPARAMS = {
     "sum_fraction": 0.5,
 }
 D_H = HPARAMS["mem_recall_hidden_dim"]
+# What the published main.py's --use_lora wraps (PEFT names).
+PUBLISHED_LORA_TARGETS = ("embed_tokens", "gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def hf_state_dict(config: Dict = HF_CONFIG, seed: int = 0) -> Dict[str, torch.Tensor]:
@@ -88,7 +90,8 @@ def published_state_dict(
 ) -> Dict[str, torch.Tensor]:
     """A ``RecurrentWrapper.state_dict()`` as the published code writes it (key order
     included): ``mem``, ``memory_cell.memory``, the backbone under ``memory_cell.model.``
-    (PEFT-wrapped when ``lora_rank`` is set), ``memory_cell.mem_map.*``, ``cross_attn.*``.
+    (PEFT-wrapped when ``lora_rank`` is set; ``embed_tokens`` in ``lora_targets`` wraps the
+    embedding as the published ``--use_lora`` does), ``memory_cell.mem_map.*``, ``cross_attn.*``.
     Tied embeddings appear twice, as ``nn.Module.state_dict()`` lists them."""
     d = HF_CONFIG["hidden_size"]
     g = torch.Generator().manual_seed(seed + 1)
@@ -102,7 +105,12 @@ def published_state_dict(
         hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
     for key, value in hf.items():
         module, param = key.rsplit(".", 1)
-        if lora_rank and module.rsplit(".", 1)[-1] in lora_targets:
+        if lora_rank and module.rsplit(".", 1)[-1] == "embed_tokens" and "embed_tokens" in lora_targets:
+            # PEFT's LoRA embedding: A [r, vocab] and B [dim, r], parameters without ".weight".
+            out[f"{backbone}{module}.base_layer.{param}"] = value
+            out[f"{backbone}{module}.lora_embedding_A.default"] = torch.randn(lora_rank, value.shape[0], generator=g) * 0.1
+            out[f"{backbone}{module}.lora_embedding_B.default"] = torch.randn(value.shape[1], lora_rank, generator=g) * 0.1
+        elif lora_rank and module.rsplit(".", 1)[-1] in lora_targets:
             out[f"{backbone}{module}.base_layer.{param}"] = value
             if param == "weight":
                 out[f"{backbone}{module}.lora_A.default.weight"] = torch.randn(lora_rank, value.shape[1], generator=g) * 0.1

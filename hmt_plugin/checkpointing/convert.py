@@ -43,6 +43,7 @@ from hmt_plugin.checkpointing.peft_keys import (
     TuneAdapter,
     adapter_files,
     load_adapter,
+    merge_embedding_lora,
     peft_to_tune_adapter,
     rank_of,
     split_peft_keys,
@@ -56,6 +57,7 @@ from hmt_plugin.checkpointing.published import (
     PUBLISHED_UNUSED_PREFIXES,
     hmt_config_from_published,
     published_mode,
+    published_recall_dtype,
 )
 from hmt_plugin.checkpointing.streaming import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -86,6 +88,8 @@ RECALL_NAMES = ("summary_token", "recall.q_proj.weight", "recall.k_proj.weight")
 _HMT_FIRST = ("summary_token", "initial_memory")
 _HMT_LAST = ("recall.q_proj.weight", "recall.k_proj.weight")
 _SIDE_FILES_TO_SKIP = (HMT_CONFIG, ADAPTER_CONFIG, META_PARAMS)
+# What the published main.py's --use_lora wraps (r 8, alpha 32, dropout 0.1), in PEFT's names.
+PUBLISHED_LORA_TARGETS = ("embed_tokens", "gate_proj", "up_proj", "down_proj", "q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass
@@ -148,8 +152,11 @@ def published_args(hparams: Union[None, PathLike, Mapping[str, Any]] = None, **f
 def published_settings(config: HMTConfig, dim: int) -> Tuple[Dict[str, Any], List[str]]:
     """Our :class:`HMTConfig` in the published code's argument names, and what it cannot
     express."""
+    # The published rmt/baseline runs set aside num_sensory positions they never fill
+    # (see hmt_config_from_published): add them back so it reads the same new tokens.
+    unused_sensory = config.num_sensory if config.mode in ("rmt", "baseline") else 0
     args: Dict[str, Any] = {
-        "segment_length": config.segment_length,
+        "segment_length": config.segment_length + unused_sensory,
         "num_sensory": config.num_sensory,
         "memory_size": config.num_memory_tokens,
         "sum_fraction": config.sum_fraction,
@@ -170,12 +177,17 @@ def published_settings(config: HMTConfig, dim: int) -> Tuple[Dict[str, Any], Lis
             f"score_scale={config.score_scale!r}: the published code scales recall scores its own way "
             "(1/sqrt(d_h), or 1/d_h when d and d_h are both >= 4096)."
         )
+    if config.uses_recall and config.recall_dtype != "bfloat16":
+        gaps.append(
+            f"recall_dtype={config.recall_dtype!r}: the published code runs the recall in bfloat16, "
+            "so its logits differ slightly (about 1e-3) from this model's."
+        )
     return args, gaps
 
 
 def _settings_from_published(
     args: Mapping[str, Any], hmt_keys: Mapping[str, str], source: TensorSource,
-    layout: BackboneLayout, result: ConversionResult,
+    layout: BackboneLayout, result: ConversionResult, recall_dtype: Optional[str] = "auto",
 ) -> Tuple[HMTConfig, Dict[str, Any]]:
     """Decide the :class:`HMTConfig` of a published checkpoint from its settings and tensors;
     where they disagree, fail naming the key."""
@@ -227,9 +239,33 @@ def _settings_from_published(
                 f"(hidden dim {d_h}) but mem_recall_hidden_dim={given}."
             )
         overrides["recall_hidden_dim"] = d_h
+        overrides["recall_dtype"] = _recall_dtype(args, source.dtype(hmt_keys["recall.q_proj.weight"]),
+                                                  recall_dtype, result)
     config = hmt_config_from_published(args, **overrides)
     recorded = {k: args[k] for k in (*PUBLISHED_HPARAMS, *PUBLISHED_FLAGS) if args.get(k) is not None}
     return config, recorded
+
+
+def _recall_dtype(args: Mapping[str, Any], stored: torch.dtype, choice: Optional[str],
+                  result: ConversionResult) -> Optional[str]:
+    """The recall precision of a converted checkpoint: ``choice`` if given (``"model"``: the
+    model's dtype), else what the settings state, else the dtype the published code stored
+    ``cross_attn.wq`` in (stock: bfloat16, its recall runs in that dtype)."""
+    if choice not in (None, "auto"):
+        return None if choice == "model" else choice
+    stated = published_recall_dtype(args)
+    if stated is not None:
+        return stated
+    if stored in (torch.bfloat16, torch.float16):
+        name = str(stored).replace("torch.", "")
+        result.note(f"recall weights stored in {name}, as the stock published code keeps them: the "
+                    f"recall runs in {name} as there (recall_dtype: {name}); set it to null to "
+                    "compute it in the model's dtype.")
+        return name
+    result.note(f"recall weights stored in {str(stored).replace('torch.', '')}: recall in the model's "
+                "dtype (recall_dtype: null). The stock published code runs it in bfloat16; if this "
+                "checkpoint came from it through an fp32 consolidation, pass --recall_dtype bfloat16.")
+    return None
 
 
 def _check_hmt_shape(source: TensorSource, key: str, rows: Optional[int], layout: BackboneLayout) -> int:
@@ -316,6 +352,14 @@ def _sort_published_keys(source: TensorSource, where: str) -> _PublishedParts:
 
 
 def _check_lora_shapes(parts: PeftParts, source: TensorSource) -> None:
+    for module, pair in parts.embedding.items():
+        vocab, dim = source.shape(parts.base[f"{module}.weight"])
+        a, b = source.shape(pair["A"]), source.shape(pair["B"])
+        if len(a) != 2 or len(b) != 2 or a[1] != vocab or b[0] != dim:
+            raise ConversionError(
+                f"shape mismatch: embedding LoRA {pair['A']!r} {tuple(a)} / {pair['B']!r} {tuple(b)} do "
+                f"not fit the embedding [{vocab}, {dim}] (lora_embedding_A is [r, vocab], B [dim, r])."
+            )
     for module, pair in parts.lora.items():
         out_f, in_f = source.shape(parts.base[f"{module}.weight"])
         a, b = source.shape(pair["A"]), source.shape(pair["B"])
@@ -334,8 +378,9 @@ def convert_from_reference(
     hf_config: Union[None, PathLike, Mapping[str, Any]] = None,
     hparams: Union[None, PathLike, Mapping[str, Any]] = None,
     lora: str = "merge",
-    lora_alpha: float = 32.0,
+    lora_alpha: Optional[float] = None,
     lora_rank: Optional[int] = None,
+    recall_dtype: Optional[str] = "auto",
     max_shard_size: Union[int, str] = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     show_progress: bool = True,
@@ -354,8 +399,17 @@ def convert_from_reference(
         lora: for PEFT LoRA weights (``base_layer``, ``lora_A.default``, ...): ``"merge"``
             them into the backbone (``W + alpha/r * B @ A``) or ``"keep"`` them as a torchtune
             adapter (``adapter_model.pt``, ``adapter_model.safetensors``, ``adapter_config.json``).
-        lora_alpha: LoRA alpha of the published run (its main.py uses 32).
-        lora_rank: r, checked against the weights (inferred from them when None).
+            An embedding adapter (``lora_embedding_A/B``, which the published ``--use_lora``
+            adds) is merged in both modes: torchtune has no LoRA embedding. With ``"keep"`` its
+            original tensors are kept beside, so :func:`convert_to_reference` writes them back.
+        lora_alpha: LoRA alpha of the published run; None: ``lora_alpha`` (or ``lora.alpha``)
+            of ``hparams``, else 32 (its main.py's).
+        lora_rank: r, checked against the weights (inferred from them when None; ``lora.r``
+            of ``hparams`` is checked too).
+        recall_dtype: ``HMTConfig.recall_dtype`` of the result. ``"auto"``: as ``hparams``
+            state it (``recall_dtype``, or ``stock_recall: true`` for bfloat16), else the dtype
+            ``cross_attn.wq.weight`` is stored in when it is bfloat16/float16 (the stock
+            published code's), else the model's dtype. ``"model"``: the model's dtype.
         max_shard_size: largest backbone shard (bytes or ``"5GB"``).
         overwrite: write into a non-empty ``output_dir``.
         show_progress: a progress bar per tensor on stderr.
@@ -387,16 +441,33 @@ def convert_from_reference(
     backbone = parts.backbone
     layout.check({k: source.shape(v) for k, v in backbone.base.items()}, where)
     _check_lora_shapes(backbone, source)
-    config, recorded = _settings_from_published(args, parts.hmt, source, layout, result)
+    config, recorded = _settings_from_published(args, parts.hmt, source, layout, result, recall_dtype)
     tied_dropped = _drop_tied_head(backbone, source, layout, where)
 
     adapter: Optional[TuneAdapter] = None
-    if backbone.lora:
-        rank = rank_of(backbone, source.shape, lora_rank)
-        adapter = peft_to_tune_adapter(backbone, source.get, layout, rank, lora_alpha)
-        result.note(f"LoRA (r={rank}, alpha={lora_alpha}, {len(backbone.lora)} modules) "
-                    + ("merged into the backbone." if lora == "merge" else "kept as a torchtune adapter."))
+    embedding_lora: Dict[str, Any] = {}
+    if backbone.lora or backbone.embedding:
+        hinted_alpha, hinted_rank = _published_lora(args)
+        rank = rank_of(backbone, source.shape, lora_rank if lora_rank is not None else hinted_rank)
+        if lora_alpha is None:
+            lora_alpha = hinted_alpha if hinted_alpha is not None else 32.0
+            if hinted_alpha is None:
+                result.note("LoRA alpha not given: 32, the published main.py's (--lora_alpha to change).")
+        lora_alpha = float(lora_alpha)
+        if backbone.lora:
+            adapter = peft_to_tune_adapter(backbone, source.get, layout, rank, lora_alpha)
+            result.note(f"LoRA (r={rank}, alpha={lora_alpha}, {len(backbone.lora)} linear modules) "
+                        + ("merged into the backbone." if lora == "merge" else "kept as a torchtune adapter."))
+        for module, pair in backbone.embedding.items():
+            embedding_lora[f"{module}.weight"] = {"A": pair["A"], "B": pair["B"], "alpha": lora_alpha}
+            result.note(f"embedding LoRA of {module} (r={rank}, alpha={lora_alpha}) merged into the "
+                        "embedding table" + (": torchtune has no LoRA embedding, its tensors are kept "
+                        f"in {PUBLISHED_EXTRAS} for to-reference." if lora == "keep" else "."))
     merge = adapter if lora == "merge" else None
+    if lora == "keep":
+        for hf_key, pair in embedding_lora.items():
+            for source_key in (backbone.base[hf_key], pair["A"], pair["B"]):
+                parts.extras[source_key[len(_wrapper_prefix(source_key)):]] = source_key
 
     extra = {
         "backbone": {"format": "hf", "model_type": layout.model_type,
@@ -410,13 +481,22 @@ def convert_from_reference(
             "extras": PUBLISHED_EXTRAS if parts.extras else None,
             "extras_order": list(parts.extras),
             "tied_lm_head": tied_dropped,
+            "embedding_lora": None if lora != "keep" or not embedding_lora else {
+                hf_key: {"base": _bare(backbone.base[hf_key]), "A": _bare(pair["A"]),
+                         "B": _bare(pair["B"]), "alpha": pair["alpha"]}
+                for hf_key, pair in embedding_lora.items()
+            },
         },
     }
     with staged_directory(output_dir, overwrite=overwrite) as stage:
         writer = ShardWriter(stage, max_shard_size)
         items = list(backbone.base.items())
         for hf_key, key in progress(items, desc="backbone", enabled=show_progress):
-            writer.add(hf_key, _merged_hf(hf_key, source.get(key), merge, layout))
+            tensor = _merged_hf(hf_key, source.get(key), merge, layout)
+            if hf_key in embedding_lora:
+                pair = embedding_lora[hf_key]
+                tensor = merge_embedding_lora(tensor, source.get(pair["A"]), source.get(pair["B"]), pair["alpha"])
+            writer.add(hf_key, tensor)
         writer.close()
         (stage / HF_CONFIG).write_bytes(cfg_bytes)
         save_hmt_checkpoint(stage, {n: source.get(k) for n, k in parts.hmt.items()}, config, extra)
@@ -427,6 +507,21 @@ def convert_from_reference(
             _write_adapter(stage, adapter, layout)
     result.note(f"wrote {result.output} (backbone {layout.model_type} from {cfg_name}, HMT mode {config.mode!r}).")
     return result
+
+
+def _bare(source_key: str) -> str:
+    """A published key without its wrapper prefix (``module.``)."""
+    return source_key[len(_wrapper_prefix(source_key)):]
+
+
+def _published_lora(args: Mapping[str, Any]) -> Tuple[Optional[float], Optional[int]]:
+    """LoRA (alpha, r) as the settings state them: ``lora_alpha`` / ``lora_r``, or a ``lora``
+    block ``{r, alpha}`` (reference cases). The published main.py has no such flags (it uses
+    r 8, alpha 32)."""
+    block = args.get("lora") if isinstance(args.get("lora"), Mapping) else {}
+    alpha = args.get("lora_alpha", block.get("alpha"))
+    rank = args.get("lora_r", block.get("r"))
+    return (None if alpha is None else float(alpha)), (None if rank is None else int(rank))
 
 
 def _drop_tied_head(parts: PeftParts, source: TensorSource, layout: BackboneLayout, where: str) -> bool:
@@ -537,31 +632,45 @@ def convert_to_reference(
     published = meta.get("published") or {}
     output = Path(output)
     result = ConversionResult(output)
+    embedding_lora = published.get("embedding_lora") or {}
     if lora == "auto":
-        lora = "peft" if adapter is not None and published.get("lora") == "kept" else "merge"
-    if lora == "peft" and adapter is None:
+        kept = published.get("lora") == "kept" or bool(embedding_lora)
+        lora = "peft" if (adapter is not None or embedding_lora) and kept else "merge"
+    if lora == "peft" and adapter is None and not embedding_lora:
         raise ConversionError(f"lora='peft' but {ours.directory} has no adapter ({ADAPTER_PT}).")
     wrapped = lora == "peft"
     backbone_prefix = PUBLISHED_BACKBONE_PREFIX + (PEFT_PREFIX if wrapped else "")
-    lora_keys = _peft_lora_by_module(adapter, layout, published.get("adapter_name") or "default") if wrapped else {}
+    adapter_name = published.get("adapter_name") or "default"
+    lora_keys = _peft_lora_by_module(adapter, layout, adapter_name) if wrapped and adapter is not None else {}
     merge = adapter if (adapter is not None and not wrapped) else None
     if merge is not None:
         result.note(f"LoRA adapter (r={adapter.rank}, alpha={adapter.alpha}) merged into the backbone.")
-    if wrapped and (adapter.rank, adapter.alpha, adapter.target_modules()) != (8, 32.0, ["q_proj", "v_proj"]):
-        result.note("the published main.py wraps its backbone with LoRA r=8, alpha=32 on q_proj/v_proj; "
-                    f"this adapter (r={adapter.rank}, alpha={adapter.alpha}, {adapter.target_modules()}) "
-                    "needs the same LoraConfig there.")
+    targets = ([] if adapter is None else adapter.target_modules()) + (["embed_tokens"] if embedding_lora else [])
+    if wrapped and (adapter is None or (adapter.rank, adapter.alpha) != (8, 32.0)
+                    or sorted(targets) != sorted(PUBLISHED_LORA_TARGETS)):
+        shown = "embedding only" if adapter is None else f"r={adapter.rank}, alpha={adapter.alpha}"
+        result.note("the published main.py's --use_lora wraps "
+                    f"{', '.join(PUBLISHED_LORA_TARGETS)} with r=8, alpha=32; this adapter "
+                    f"({shown}, {sorted(targets)}) needs the same LoraConfig there.")
 
     out: Dict[str, torch.Tensor] = {}
     for name in _HMT_FIRST:
         if name in hmt_sd:
             out[OURS_TO_PUBLISHED[name]] = hmt_sd[name]
     embed = None
+    extras = _published_extras(ours.directory, hmt_sd, layout, result)
+    # The embedding adapter's original tensors (kept by a --lora keep conversion) travel in
+    # the extras file but belong in the backbone, where the embedding is.
+    embedding_extras = {k: extras.pop(k) for e in embedding_lora.values()
+                        for k in (e["base"], e["A"], e["B"]) if k in extras}
     hf_keys = layout.ordered(ours.backbone.keys())
     for hf_key in progress(hf_keys, desc="backbone", enabled=show_progress):
         tensor = _merged_hf(hf_key, ours.backbone.get(hf_key), merge, layout)
         module, param = hf_key.rsplit(".", 1)
-        if module in lora_keys:
+        if wrapped and hf_key in embedding_lora:
+            out.update(_embedding_lora_back(hf_key, tensor, embedding_lora[hf_key], embedding_extras,
+                                            backbone_prefix, adapter_name, result))
+        elif module in lora_keys:
             # PEFT keeps a wrapped linear's own parameters under base_layer, LoRA after them.
             out[f"{backbone_prefix}{module}.base_layer.{param}"] = tensor
             if param == "weight":
@@ -574,7 +683,6 @@ def convert_to_reference(
     if layout.tie_word_embeddings and backbone_prefix + "lm_head.weight" not in out:
         # nn.Module.state_dict() lists the tied head too; the published strict load wants it.
         out[backbone_prefix + "lm_head.weight"] = embed
-    extras = _published_extras(ours.directory, hmt_sd, layout, result)
     order = [k for k in published.get("extras_order") or [] if k in extras]
     out.update({k: extras[k] for k in order + sorted(set(extras) - set(order))})
     for name in _HMT_LAST:
@@ -598,6 +706,32 @@ def convert_to_reference(
     hparams_output.write_text(json.dumps(record, indent=2))
     result.note(f"wrote {output} and {hparams_output}.")
     return result
+
+
+def _embedding_lora_back(
+    hf_key: str, embedding: torch.Tensor, record: Mapping[str, Any], originals: Mapping[str, torch.Tensor],
+    backbone_prefix: str, adapter_name: str, result: ConversionResult,
+) -> Dict[str, torch.Tensor]:
+    """The PEFT layout of a wrapped embedding (``base_layer.weight``, ``lora_embedding_A``,
+    ``lora_embedding_B``). The original tensors when the embedding is still their merge (bit
+    for bit); if it changed since the conversion, the current table as the base with a zero
+    ``lora_embedding_B`` (the same function), and a note."""
+    module = hf_key[: -len(".weight")]
+    keys = {"base": f"{backbone_prefix}{module}.base_layer.weight",
+            "A": f"{backbone_prefix}{module}.lora_embedding_A.{adapter_name}",
+            "B": f"{backbone_prefix}{module}.lora_embedding_B.{adapter_name}"}
+    have = all(record[k] in originals for k in ("base", "A", "B"))
+    if have:
+        base, a, b = (originals[record[k]] for k in ("base", "A", "B"))
+        if torch.equal(merge_embedding_lora(base, a, b, record["alpha"]), embedding):
+            return {keys["base"]: base, keys["A"]: a, keys["B"]: b}
+        result.note(f"{hf_key} changed since the conversion: written as the embedding LoRA's base with "
+                    "lora_embedding_B zero (the same embedding).")
+        return {keys["base"]: embedding, keys["A"]: a, keys["B"]: torch.zeros_like(b)}
+    raise ConversionError(
+        f"the embedding LoRA tensors of {hf_key} are missing from {PUBLISHED_EXTRAS}; "
+        "convert with --lora merge instead."
+    )
 
 
 def _peft_lora_by_module(

@@ -74,8 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     _published_flags(p)
     p.add_argument("--lora", choices=("merge", "keep"), default="merge",
                    help="PEFT LoRA weights: merge into the backbone, or keep as a torchtune adapter")
-    _flag(p, "lora_alpha", type=float, default=32.0, help="LoRA alpha of the published run (default 32)")
+    _flag(p, "lora_alpha", type=float, default=None,
+          help="LoRA alpha of the published run (default: --hparams' lora_alpha or lora.alpha, else 32)")
     _flag(p, "lora_rank", type=int, default=None, help="LoRA rank, checked against the weights")
+    _flag(p, "recall_dtype", choices=("auto", "model", "bfloat16", "float16", "float32"), default="auto",
+          help="precision of the recall: auto (as the settings or the stored recall weights say; "
+               "stock published checkpoints: bfloat16), model (the model's dtype), or a dtype")
 
     p = sub.add_parser("to-reference", help="our checkpoint directory -> published HMT state dict (.pt)")
     _common(p, shards=False, directory_out=False)
@@ -107,7 +111,7 @@ def _run(args: argparse.Namespace) -> ConversionResult:
         return convert_from_reference(
             args.input, args.output, hf_config=args.hf_config,
             hparams=published_args(args.hparams, **flags), lora=args.lora,
-            lora_alpha=args.lora_alpha, lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha, lora_rank=args.lora_rank, recall_dtype=args.recall_dtype,
             max_shard_size=args.max_shard_size, overwrite=args.overwrite, show_progress=show,
         )
     if args.command == "to-reference":

@@ -4,13 +4,18 @@
   with ``--use_lora``): every key under ``base_model.model.``; a LoRA-wrapped linear keeps its
   weight as ``<module>.base_layer.weight`` and adds ``<module>.lora_A.<adapter>.weight``
   ``[r, in]`` and ``<module>.lora_B.<adapter>.weight`` ``[out, r]`` (adapter ``default``).
-  ``adapter_model.safetensors`` files drop the adapter name (``lora_A.weight``).
+  ``adapter_model.safetensors`` files drop the adapter name (``lora_A.weight``). A wrapped
+  embedding (the published ``--use_lora`` wraps ``embed_tokens``) keeps
+  ``<module>.base_layer.weight`` ``[vocab, dim]`` and adds ``<module>.lora_embedding_A.<adapter>``
+  ``[r, vocab]`` and ``<module>.lora_embedding_B.<adapter>`` ``[dim, r]`` (parameters, no
+  ``.weight``); it adds ``alpha/r * (B @ A)^T`` to the embedding table.
 * torchtune's (``adapter_model.pt`` written by its LoRA recipes):
   ``layers.{i}.attn.{q,k,v,output}_proj.lora_{a,b}.weight``, ``layers.{i}.mlp.w{1,2,3}...``,
   ``output.lora_{a,b}.weight``; B of q/k in torchtune's permuted RoPE row order.
 
 The merge is torchtune's own (``get_merged_lora_ckpt``: ``W + alpha/r * B @ A``), applied one
-module at a time.
+module at a time. torchtune has no LoRA embedding, so an embedding adapter is always merged
+(:func:`merge_embedding_lora`).
 """
 
 import json
@@ -32,7 +37,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 _PEFT_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
 _PEFT_BASE = re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")
-_PEFT_UNSUPPORTED = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+_PEFT_EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<which>[AB])(?:\.(?P<name>[^.]+))?$")
+_PEFT_UNSUPPORTED = ("lora_magnitude_vector",)
 _TUNE_LORA = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_a|lora_b|magnitude)(?:\.weight)?$")
 
 # torchtune module names -> PEFT/HF target module names (as torchtune writes adapter_config.json).
@@ -98,11 +104,18 @@ class PeftParts:
         base: plain HF key -> source key (``...q_proj.base_layer.weight`` -> ``...q_proj.weight``).
         lora: HF module (``model.layers.0.self_attn.q_proj``) -> {"A": source key, "B": source key}.
         adapter_name: PEFT adapter name (``default``), or None in ``adapter_model`` files.
+        embedding: HF embedding module (``model.embed_tokens``) -> {"A": ``lora_embedding_A``
+            source key ``[r, vocab]``, "B": ``lora_embedding_B`` source key ``[dim, r]``}.
     """
 
     base: Dict[str, str]
     lora: Dict[str, Dict[str, str]]
     adapter_name: Optional[str]
+    embedding: Dict[str, Dict[str, str]] = field(default_factory=dict)
+
+    def pairs(self) -> Dict[str, Dict[str, str]]:
+        """Every LoRA pair, linear and embedding, by HF module."""
+        return {**self.lora, **self.embedding}
 
 
 def split_peft_keys(keys: Mapping[str, str], *, with_base: bool = True) -> PeftParts:
@@ -116,18 +129,28 @@ def split_peft_keys(keys: Mapping[str, str], *, with_base: bool = True) -> PeftP
             only the adapter (``adapter_model.safetensors``).
 
     Raises:
-        ConversionError: DoRA/embedding LoRA, several adapters, or an unpaired A/B, naming the key.
+        ConversionError: DoRA, an embedding adapter without its base weights, several
+            adapters, or an unpaired A/B, naming the key.
     """
     base: Dict[str, str] = {}
     lora: Dict[str, Dict[str, str]] = {}
+    embedding: Dict[str, Dict[str, str]] = {}
     names = set()
     for inner, key in keys.items():
         if any(f".{u}" in inner for u in _PEFT_UNSUPPORTED):
             raise ConversionError(
-                f"{key!r}: DoRA or embedding LoRA weights are not covered; merge them with PEFT "
+                f"{key!r}: DoRA weights are not covered; merge them with PEFT "
                 "(merge_and_unload) before converting."
             )
-        if (m := _PEFT_LORA.match(inner)):
+        if (m := _PEFT_EMBEDDING.match(inner)):
+            if not with_base:
+                raise ConversionError(
+                    f"{key!r}: an embedding LoRA in an adapter file is not covered (torchtune has no "
+                    "LoRA embedding); convert the whole published checkpoint, which merges it."
+                )
+            names.add(m.group("name"))
+            embedding.setdefault(m.group("module"), {})[m.group("which")] = key
+        elif (m := _PEFT_LORA.match(inner)):
             names.add(m.group("name"))
             lora.setdefault(m.group("module"), {})[m.group("which")] = key
         elif (m := _PEFT_BASE.match(inner)):
@@ -136,23 +159,28 @@ def split_peft_keys(keys: Mapping[str, str], *, with_base: bool = True) -> PeftP
             base[inner] = key
     if len(names) > 1:
         raise ConversionError(f"the checkpoint holds several LoRA adapters {sorted(names)}; keep one.")
-    for module, pair in lora.items():
-        for which, other in (("A", "B"), ("B", "A")):
-            if which not in pair:
-                raise ConversionError(f"{pair[other]!r} has no lora_{which} partner; the adapter is incomplete.")
-        if with_base and f"{module}.weight" not in base:
-            raise ConversionError(f"{pair['A']!r} has no base weight ({module}.base_layer.weight).")
-    return PeftParts(base=base, lora=lora, adapter_name=next(iter(names), None))
+    for kind, pairs in (("lora_", lora), ("lora_embedding_", embedding)):
+        for module, pair in pairs.items():
+            for which, other in (("A", "B"), ("B", "A")):
+                if which not in pair:
+                    raise ConversionError(
+                        f"{pair[other]!r} has no {kind}{which} partner; the adapter is incomplete."
+                    )
+            if with_base and f"{module}.weight" not in base:
+                raise ConversionError(f"{pair['A']!r} has no base weight ({module}.base_layer.weight).")
+    return PeftParts(base=base, lora=lora, adapter_name=next(iter(names), None), embedding=embedding)
 
 
 def rank_of(parts: PeftParts, shape_of, expected: Optional[int] = None) -> int:
-    """r from the LoRA A shapes ``[r, in]``; all modules must agree (and with ``expected``)."""
-    ranks = {module: shape_of(pair["A"])[0] for module, pair in parts.lora.items()}
+    """r from the LoRA A shapes (``[r, in]``, embeddings ``[r, vocab]``); all modules must
+    agree (and with ``expected``)."""
+    pairs = parts.pairs()
+    ranks = {module: shape_of(pair["A"])[0] for module, pair in pairs.items()}
     values = set(ranks.values())
     if len(values) > 1:
         raise ConversionError(f"LoRA ranks differ between modules ({ranks}); one rank is needed.")
     rank = values.pop()
-    for module, pair in parts.lora.items():
+    for module, pair in pairs.items():
         b_shape = shape_of(pair["B"])
         if len(b_shape) != 2 or b_shape[1] != rank:
             raise ConversionError(
@@ -160,9 +188,21 @@ def rank_of(parts: PeftParts, shape_of, expected: Optional[int] = None) -> int:
             )
     if expected is not None and expected != rank:
         raise ConversionError(
-            f"lora_rank={expected} was given but {next(iter(parts.lora.values()))['A']!r} has rank {rank}."
+            f"lora_rank={expected} was given but {next(iter(pairs.values()))['A']!r} has rank {rank}."
         )
     return rank
+
+
+def merge_embedding_lora(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """An embedding table ``[vocab, dim]`` with PEFT's embedding LoRA merged:
+    ``W + alpha/r * (B @ A)^T`` for ``lora_embedding_A`` ``[r, vocab]`` and ``lora_embedding_B``
+    ``[dim, r]`` (PEFT adds ``alpha/r * A^T[ids] @ B^T`` to the looked-up rows). Computed in
+    float32, returned in ``weight``'s dtype; ``weight`` is not modified."""
+    rank = lora_a.shape[0]
+    delta = (lora_b.float() @ lora_a.float()).T * (float(alpha) / rank)
+    return (weight.float() + delta).to(weight.dtype)
 
 
 def peft_to_tune_adapter(
@@ -279,6 +319,7 @@ __all__ = [
     "adapter_files",
     "has_adapter",
     "load_adapter",
+    "merge_embedding_lora",
     "peft_to_tune_adapter",
     "rank_of",
     "split_peft_keys",

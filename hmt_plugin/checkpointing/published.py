@@ -41,9 +41,19 @@ PUBLISHED_BACKBONE_PREFIX = "memory_cell.model."
 PUBLISHED_UNUSED_PREFIXES = ("memory_cell.mem_map.",)
 
 
+# ``mode`` as a reference case's case.json may spell it -> ours.
+_MODE_NAMES = {"hmt": "hmt", "hmt_stage1": "hmt_stage1", "hmt_stage_1": "hmt_stage1", "stage1": "hmt_stage1",
+               "rmt": "rmt", "rmt_only": "rmt", "baseline": "baseline", "baseline_only": "baseline"}
+
+
 def published_mode(args: Mapping[str, Any]) -> str:
     """The mode the published flags select (``--baseline_only``, ``--rmt_only``,
-    ``--hmt_stage_1``; full HMT otherwise)."""
+    ``--hmt_stage_1``; full HMT otherwise), or a ``mode`` entry (reference cases)."""
+    if args.get("mode") is not None and not any(args.get(f) for f in ("baseline_only", "rmt_only", "hmt_stage_1")):
+        name = str(args["mode"])
+        if name not in _MODE_NAMES:
+            raise ValueError(f"mode={name!r} in the published settings is unknown; use one of {sorted(_MODE_NAMES)}.")
+        return _MODE_NAMES[name]
     if args.get("baseline_only"):
         return "baseline"
     if args.get("rmt_only"):
@@ -57,12 +67,20 @@ def hmt_config_from_published(args: Mapping[str, Any], **overrides: Any) -> HMTC
     """An :class:`HMTConfig` from the published code's argument names (e.g. a reference
     case's ``case.json``, or its command line as a dict). Settings it does not give take the
     published code's defaults (``PUBLISHED_DEFAULTS``); unknown names are ignored; the score
-    scale is the published one (``1/d_h`` when d and d_h are both >= 4096)."""
+    scale is the published one (``1/d_h`` when d and d_h are both >= 4096).
+
+    The published code reads ``segment_length - 2 * memory_size - num_sensory`` new tokens per
+    segment in every mode (``memory_size`` 0 with ``--baseline_only``), though only HMT
+    places sensory tokens. Our ``rmt`` and ``baseline`` leave no room for them, so an
+    ``--rmt_only`` / ``--baseline_only`` run maps to ``segment_length - num_sensory``: the
+    same new tokens per segment, and the backbone call the published code makes."""
     values: Dict[str, Any] = {"mode": published_mode(args), "score_scale": "published"}
     given = {**PUBLISHED_DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
     for theirs, ours in PUBLISHED_HPARAMS.items():
         if given.get(theirs) is not None:
             values[ours] = given[theirs]
+    if values["mode"] in ("rmt", "baseline") and "segment_length" in values:
+        values["segment_length"] -= int(given.get("num_sensory") or 0)
     recall_dtype = published_recall_dtype(args)
     if recall_dtype is not None:
         values["recall_dtype"] = recall_dtype

@@ -78,7 +78,15 @@ def load_hmt_model(
     checkpointer = config.instantiate(checkpointer_cfg)
     base = checkpointer.load_checkpoint()[training.MODEL_KEY]
     lora = lora_settings(model)
-    full = initial_state_dict(model, base, lora=lora, seed=seed, hmt_checkpoint=hmt_checkpoint)
+    adapter = None
+    if lora is not None and hmt_checkpoint is not None and (Path(hmt_checkpoint) / "adapter_model.pt").is_file():
+        # A LoRA model reads the adapter kept beside the HMT files (a step checkpoint, or a
+        # published LoRA checkpoint converted with --lora keep); without one it starts fresh.
+        adapter = torch.load(Path(hmt_checkpoint) / "adapter_model.pt", map_location="cpu", weights_only=True)
+        adapter = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in adapter.items()}
+    full = initial_state_dict(
+        model, base, lora=lora, seed=seed, adapter_state=adapter, hmt_checkpoint=hmt_checkpoint
+    )
     load_initial_state(model, full, lora)
     if hmt_checkpoint is None and model.config.uses_memory:
         log.warning(
