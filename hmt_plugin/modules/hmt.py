@@ -160,10 +160,13 @@ class HMT(nn.Module):
             for name, value in fresh.items():
                 params[name].copy_(value)
 
-    def set_mode(self, mode: str) -> None:
+    def set_mode(self, mode: str, *, keep_tokens_per_segment: bool = False) -> None:
         """Run the same weights in another mode: ``hmt`` -> ``hmt_stage1`` (recall ablation),
-        ``rmt`` or ``baseline``. A mode needing parameters this model lacks is refused."""
-        new = self.config.with_mode(mode)
+        ``rmt`` or ``baseline``. A mode needing parameters this model lacks is refused.
+        ``keep_tokens_per_segment``: read as many new tokens per segment as now, with a
+        shorter or longer backbone call (see :meth:`HMTConfig.with_mode`); comparisons of
+        modes use it."""
+        new = self.config.with_mode(mode, keep_tokens_per_segment=keep_tokens_per_segment)
         if new.uses_recall and not hasattr(self, "recall"):
             raise HMTConfigError(
                 f"mode={mode!r} needs recall parameters this {self.config.mode!r} model does not "
@@ -174,7 +177,10 @@ class HMT(nn.Module):
                 f"mode={mode!r} needs memory parameters a 'baseline' model does not have."
             )
         if new.segment_length > self.backbone.max_seq_len:
-            raise HMTConfigError("segment_length exceeds the backbone's max_seq_len.")
+            raise HMTConfigError(
+                f"mode={mode!r} needs segment_length={new.segment_length}, more than the "
+                f"backbone's max_seq_len={self.backbone.max_seq_len}."
+            )
         self.config = new
 
     def set_num_output_chunks(self, num_output_chunks: int) -> None:

@@ -135,10 +135,16 @@ class HMTConfig:
         """Sensory tokens used in this mode (the published code uses none in rmt/baseline)."""
         return self.num_sensory if self.mode in ("hmt", "hmt_stage1") else 0
 
+    def _positions_besides_text(self, mode: str) -> int:
+        """Backbone positions of a segment that hold memory or sensory tokens in ``mode``."""
+        memory = self.num_memory_tokens if mode != "baseline" else 0
+        sensory = self.num_sensory if mode in ("hmt", "hmt_stage1") else 0
+        return 2 * memory + sensory
+
     @property
     def tokens_per_segment(self) -> int:
         """New document tokens read per segment (the published code's ``block_size``)."""
-        return self.segment_length - 2 * self.memory_tokens_used - self.sensory_tokens_used
+        return self.segment_length - self._positions_besides_text(self.mode)
 
     @property
     def summary_tokens(self) -> int:
@@ -148,9 +154,20 @@ class HMTConfig:
         and checkpoints trained with it expect exactly this many tokens."""
         return int(round(self.tokens_per_segment * self.sum_fraction))
 
-    def with_mode(self, mode: str) -> "HMTConfig":
-        """The same settings in another mode (e.g. stage 1 -> stage 2)."""
-        return dataclasses.replace(self, mode=mode)
+    def with_mode(self, mode: str, *, keep_tokens_per_segment: bool = False) -> "HMTConfig":
+        """The same settings in another mode (e.g. stage 1 -> stage 2).
+
+        With ``keep_tokens_per_segment`` the segment length changes instead so that the new
+        mode reads as many new tokens per segment as this one: the memory and sensory
+        positions a mode does not use are dropped from the backbone call, not filled with
+        more text. That is how modes are compared (only memory differs, every mode scores
+        the same tokens at a given T). For example segment_length 256, k = 32: ``hmt`` reads
+        222 tokens per segment in a 256-position call, and ``baseline`` then reads the same
+        222 in a 222-position call (without it: 256 in 256)."""
+        if not keep_tokens_per_segment:
+            return dataclasses.replace(self, mode=mode)
+        length = self.tokens_per_segment + self._positions_besides_text(mode)
+        return dataclasses.replace(self, mode=mode, segment_length=length)
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> Dict[str, Any]:
