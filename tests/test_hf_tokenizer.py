@@ -82,3 +82,56 @@ def test_dataset_and_cache_follow_the_tokenizer(tmp_path):
     assert len(prints) == 3
     other = long_text_dataset(hf_tokenizer(tmp_path / "b"), str(books), cache_dir=str(cache), progress=False)
     assert other[0]["tokens"].tolist() != first and set(cache.rglob("*")) != entries
+
+
+def _tiny_model_and_tokenizer(tmp_path, **tokenizer_kwargs):
+    """A tiny tied Llama as an HF directory with a tokenizer.json beside it, as HMT + tokenizer."""
+    import torch
+
+    from hmt_plugin.models import hf_backbone, hmt
+    from tests.hf_checkpoints import write_hf_checkpoint
+
+    directory = write_hf_checkpoint(tmp_path / "model", "llama_tied_gqa", vocab_size=320)
+    write_hf_tokenizer(directory, **tokenizer_kwargs)
+    torch.manual_seed(0)
+    model = hmt(hf_backbone(directory), segment_length=24, num_sensory=4, recall_hidden_dim=16,
+                cache_size=4).eval()
+    return model, hf_tokenizer(directory)
+
+
+def test_generation_stream_and_lm_eval_read_through_it(tmp_path):
+    import io
+
+    import torch
+
+    pytest.importorskip("lm_eval")
+    from types import SimpleNamespace
+
+    from hmt_plugin.eval.lm_eval_harness import HMTEvalWrapper
+    from hmt_plugin.generation import HMTGenerator
+    from hmt_plugin.recipes.hmt_generate import TextStream
+
+    model, tok = _tiny_model_and_tokenizer(tmp_path, bos_in_template=False)
+    prompt = tok.encode("It was the best of times", add_bos=True, add_eos=False)
+    out = HMTGenerator(model).generate(prompt, 30, stop_tokens=tok.stop_tokens).sequences()[0]
+    sink = io.StringIO()
+    stream = TextStream(tok, prompt, out=sink)
+    for t in out:
+        stream(t)
+    assert sink.getvalue() == tok.decode(out) or tok.decode(out).startswith(sink.getvalue())
+
+    lm = HMTEvalWrapper(model, tok, progress=False, chunk_segments=2)
+    # No BOS in front of a context, as transformers encodes it for this model; the prefix
+    # (BOS id) only stands in for an empty context and starts a rolling document.
+    assert lm.tok_encode("Call me Ishmael.") == tok.encode("Call me Ishmael.", add_bos=False, add_eos=False)
+    ctx, cont = lm.encode_pair("", "Call me")
+    assert ctx == [tok.bos_id]
+    text = (TEXT * 2).strip()
+    (rolling,) = lm.loglikelihood_rolling([SimpleNamespace(args=(text,))])
+    ids = torch.tensor([[tok.bos_id] + tok.encode(text, add_bos=False, add_eos=False)])
+    with torch.no_grad():
+        want = -float(model(ids, labels=ids, logits="none").nll.sum())
+    assert rolling == pytest.approx(want, rel=1e-5)
+    (ll, _), = lm.loglikelihood([SimpleNamespace(args=("It was the best", " of times"))])
+    assert ll < 0
+    assert lm.tok_decode(lm.tok_encode("a single step")) == "a single step"

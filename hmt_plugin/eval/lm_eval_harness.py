@@ -107,6 +107,10 @@ class HMTEvalWrapper(LM):
 
     def tok_encode(self, text: str, bos: bool = True) -> List[int]:
         ids = list(self.tokenizer.encode(text, add_bos=bos, add_eos=False))
+        # A tokenizer.json model that never starts with BOS (hf_tokenizer's adds_bos=False,
+        # e.g. SmolLM2) reads contexts as transformers gives them; empty ones still get the prefix.
+        if bos and ids and not getattr(self.tokenizer, "adds_bos", True):
+            return ids
         if bos and (not ids or ids[0] != self.prefix_token_id):
             ids = [
                 self.prefix_token_id
@@ -188,7 +192,9 @@ class HMTEvalWrapper(LM):
             step = self.chunk_segments * self.model.config.tokens_per_segment
             for req in tqdm(requests, desc="loglikelihood_rolling", disable=not self.progress):
                 (text,) = req.args
-                ids = torch.tensor([self.tok_encode(text)], device=self._device)
+                # Every token is scored, the first one after the prefix (as lm-eval's HFLM).
+                tokens = [self.prefix_token_id] + self.tok_encode(text, bos=False)
+                ids = torch.tensor([tokens], device=self._device)
                 total = torch.zeros((), dtype=torch.float64, device=self._device)
                 state = None
                 for s in range(0, ids.shape[1], step):
