@@ -121,6 +121,12 @@ def test_refusals_name_the_field(tmp_path):
         hf_backbone(tmp_path / "z", lora_attn_modules=["q"])
     with pytest.raises(ValueError, match="is empty; choose one or more"):
         hf_backbone(tmp_path / "z", lora_attn_modules=[])
+    # SmolLM2's sizes: 576 x 576 projections are no multiple of NF4's 64 x 256 blocks.
+    write_hf_checkpoint(tmp_path / "s", "llama_tied_gqa", hidden_size=576, num_attention_heads=9,
+                        num_key_value_heads=3, intermediate_size=1536, num_hidden_layers=1)
+    with pytest.raises(ValueError, match=r"attn.q_proj \(576, 576\)|attn.q_proj 576 x 576 = 331,776"):
+        hf_backbone(tmp_path / "s", lora_attn_modules=["q_proj"], quantize_base=True)
+    assert hf_backbone(tmp_path / "s", lora_attn_modules=["q_proj"]) is not None
     with pytest.raises(FileNotFoundError, match="no config.json"):
         hf_backbone(tmp_path / "missing")
 

@@ -109,7 +109,37 @@ def decoder_from_hf_config(
             "token embeddings (tie_word_embeddings), which LoRA cannot adapt separately; set "
             "apply_lora_to_output: false."
         )
+    if lora is not None and lora.get("quantize_base"):
+        _check_nf4_shapes(cfg, lora, tied)
     return _FAMILIES[kind](cfg, max_seq_len, lora, tied)
+
+
+# torchao's NF4 (torchtune's QLoRA) quantizes in blocks of 64 values with one scale per block,
+# and those scales in blocks of 256: a quantized weight needs a multiple of 64 * 256 elements.
+NF4_ELEMENTS = 64 * 256
+
+
+def _check_nf4_shapes(cfg: Mapping[str, Any], lora: Mapping[str, Any], tied: bool) -> None:
+    """Refuse QLoRA up front for a model whose projections NF4 cannot hold (torchao fails
+    deep inside the build with "Number of scalers must be divisible by scaler block size")."""
+    d = int(_required(cfg, "hidden_size"))
+    heads = int(_required(cfg, "num_attention_heads"))
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    hd = int(cfg.get("head_dim") or d // heads)
+    f = int(_required(cfg, "intermediate_size"))
+    shapes = {"attn.q_proj": (heads * hd, d), "attn.k_proj": (kv * hd, d),
+              "attn.v_proj": (kv * hd, d), "attn.output_proj": (d, heads * hd),
+              "mlp.w1/w3": (f, d), "mlp.w2": (d, f)}
+    if lora.get("apply_lora_to_output") and not tied:
+        shapes["output"] = (int(_required(cfg, "vocab_size")), d)
+    bad = {name: shape for name, shape in shapes.items() if (shape[0] * shape[1]) % NF4_ELEMENTS}
+    if bad:
+        listed = ", ".join(f"{n} {a} x {b} = {a * b:,}" for n, (a, b) in bad.items())
+        raise ValueError(
+            f"quantize_base=true (QLoRA): NF4 needs every quantized weight to hold a multiple of "
+            f"{NF4_ELEMENTS:,} elements (64 x 256 blocks); this model's {listed} do not. Use "
+            "LoRA without quantize_base for it."
+        )
 
 
 # ---------------------------------------------------------------------------------- families
