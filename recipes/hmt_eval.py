@@ -13,7 +13,14 @@ What it measures, for every run (a checkpoint read in one mode):
   ``chunk_segments`` segments with the recurrent state carried between them);
 * for ``hmt`` runs, how many segments back each segment's strongest recall looks (the paper's
   Figure 11);
+* optionally, the published code's test PPL (``published_test_ppl`` section: windows of
+  ``test_length`` + L tokens sliding by L, the last L tokens scored, the mean over batches of
+  ``exp(batch loss)``), beside ours;
 * optionally, lm-eval harness tasks (``lm_eval`` section).
+
+A mode other than the checkpoint's own reads as many new tokens per segment as the model's
+configured mode (``keep_tokens_per_segment: true``, the default), so runs compared on the same
+documents score the same tokens and only memory differs.
 
 Runs are either one checkpoint in several ``modes`` (the same weights with memory or recall
 switched off) or a ``runs`` list of checkpoints each with its own mode; both read the same
@@ -37,7 +44,9 @@ from hmt_plugin.eval.long_context import (
     LongContextResult,
     check_context_lengths,
     evaluate_long_context,
+    evaluate_published_test_ppl,
     format_long_context_table,
+    format_published_test_table,
 )
 from hmt_plugin.eval.memory import PROBES, memory_probe
 from hmt_plugin.eval.model_loading import describe, load_hmt_model
@@ -71,12 +80,15 @@ EVAL_KEYS = {
     "metric_logger",
     "lm_eval",
     "quantization",
+    "keep_tokens_per_segment",
+    "published_test_ppl",
     # free variables for interpolation, as in the training configs
     "run_dir",
     "backbone_dir",
     "model_dir",
 }
 RUN_KEYS = {"name", "mode", "model", "checkpointer", "hmt_checkpoint"}
+PUBLISHED_TEST_KEYS = {"test_lengths", "batch_size", "test_step"}
 LM_EVAL_KEYS = {
     "tasks",
     "include_path",
@@ -184,8 +196,29 @@ def validate_eval_config(cfg: DictConfig) -> None:
                 check_context_lengths(list(cfg.context_lengths))
             except ValueError as err:
                 raise ConfigError(str(err)) from err
-    elif cfg.get("lm_eval") is None:
-        raise ConfigError("nothing to evaluate: set context_lengths, document_ppl or lm_eval.")
+    elif cfg.get("lm_eval") is None and cfg.get("published_test_ppl") is None:
+        raise ConfigError(
+            "nothing to evaluate: set context_lengths, document_ppl, published_test_ppl or lm_eval."
+        )
+    published = cfg.get("published_test_ppl")
+    if published is not None:
+        check_keys(published, PUBLISHED_TEST_KEYS, "published_test_ppl.")
+        if cfg.get("dataset") is None:
+            raise ConfigError("published_test_ppl needs a `dataset` (its test documents).")
+        lengths = published.get("test_lengths") or cfg.get("context_lengths")
+        if not lengths:
+            raise ConfigError(
+                "published_test_ppl.test_lengths is empty and there are no context_lengths; give "
+                "its --test_length values, e.g. test_lengths: [1998]."
+            )
+        try:
+            check_context_lengths(list(lengths))
+        except ValueError as err:
+            raise ConfigError(f"published_test_ppl.test_lengths: {err}") from err
+        for key in ("batch_size", "test_step"):
+            value = published.get(key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"published_test_ppl.{key}={value!r} must be an integer >= 1 (or null).")
     for key in ("batch_size", "chunk_segments"):
         value = cfg.get(key, 1)
         if not isinstance(value, int) or value < 1:
@@ -228,7 +261,9 @@ class HMTEvalRecipe:
         self._context_lengths = list(cfg.get("context_lengths") or [])
         self._document_ppl = bool(cfg.get("document_ppl", True))
         self._documents = None
-        if self._context_lengths or self._document_ppl:
+        self._keep = bool(cfg.get("keep_tokens_per_segment", True))
+        self._published = cfg.get("published_test_ppl")
+        if self._context_lengths or self._document_ppl or self._published is not None:
             self._documents = build_documents(cfg.dataset, self._tokenizer)
             self._check_documents(cfg)
             log.info(f"{len(self._documents)} documents to score")
@@ -275,8 +310,8 @@ class HMTEvalRecipe:
                 self._quantized = quantize_from_config(model, cfg.get("quantization"))
                 loaded = run.weights()
             self._check_mode(model, run)
-            log.info(f"[{run.label}] {describe(model, run.mode)}")
-            if self._documents is not None:
+            log.info(f"[{run.label}] {describe(model, run.mode, keep_tokens_per_segment=self._keep)}")
+            if self._documents is not None and (self._context_lengths or self._document_ppl):
                 t0 = time.perf_counter()
                 result = evaluate_long_context(
                     model,
@@ -290,6 +325,7 @@ class HMTEvalRecipe:
                     document_ppl=self._document_ppl,
                     memory=self._probe,
                     progress=True,
+                    keep_tokens_per_segment=self._keep,
                 )
                 log.info(
                     f"[{run.label}] read {result.tokens_read:,} tokens in "
@@ -297,15 +333,43 @@ class HMTEvalRecipe:
                 )
                 self._log_result(result)
                 results.append(result)
+            if self._published is not None:
+                published = self._published_test(model, run)
+                if results and results[-1].label == run.label:
+                    results[-1].published_test = published
+                else:
+                    results.append(LongContextResult(
+                        label=run.label, mode=run.mode,
+                        tokens_per_segment=published[0].tokens_per_segment, published_test=published,
+                    ))
             if cfg.get("lm_eval") is not None:
                 lm_eval_results[run.label] = self._run_lm_eval(model, run)
         return self._report(results, lm_eval_results)
 
+    def _published_test(self, model, run: EvalRun):
+        section = self._published
+        t0 = time.perf_counter()
+        scores = evaluate_published_test_ppl(
+            model,
+            self._documents,
+            test_lengths=list(section.get("test_lengths") or self._context_lengths),
+            batch_size=section.get("batch_size") or 1,
+            test_step=section.get("test_step"),
+            mode=run.mode,
+            chunk_segments=self._cfg.get("chunk_segments", 16),
+            max_tokens=self._cfg.get("max_tokens"),
+            keep_tokens_per_segment=self._keep,
+        )
+        for s in scores:
+            self._metric_logger.log_dict({f"ppl_published_test/{run.label}": s.ppl}, step=s.test_length)
+        log.info(f"[{run.label}] published test PPL in {time.perf_counter() - t0:.1f}s")
+        return scores
+
     def _check_mode(self, model, run: EvalRun) -> None:
         try:
-            original = model.config.mode
-            model.set_mode(run.mode)
-            model.set_mode(original)
+            original = model.config
+            model.set_mode(run.mode, keep_tokens_per_segment=self._keep)
+            model.config = original
         except HMTConfigError as err:
             field = f"{run.where}mode" if run.where else "modes"
             raise ConfigError(
@@ -396,8 +460,10 @@ class HMTEvalRecipe:
             report["runs"].setdefault(label, {"label": label})["lm_eval"] = scores
         path = self._output_dir / "eval_results.json"
         path.write_text(json.dumps(report, indent=2, allow_nan=True))
-        if results:
+        if any(r.context or r.document for r in results):
             print("\n" + format_long_context_table(results) + "\n")
+        if any(r.published_test for r in results):
+            print("\n" + format_published_test_table(results) + "\n")
         print(f"Results: {path}" + (f"; plots: {', '.join(plots.values())}" if plots else ""))
         return report
 

@@ -63,8 +63,10 @@ def test_one_pass_equals_reading_each_context_length_alone(model, mode):
         chunk_segments=2,
         memory="none",
     )
-    assert model.config.mode == "hmt"  # restored
-    model.set_mode(mode)
+    assert model.config.mode == "hmt" and model.config.segment_length == 24  # restored
+    # Another mode reads hmt's new tokens per segment (the default for comparisons).
+    assert got.tokens_per_segment == model.config.tokens_per_segment
+    model.set_mode(mode, keep_tokens_per_segment=True)
     try:
         for score in got.context:
             nll, count = naive_last_segment_nll(model, documents, score.context_length)
@@ -76,7 +78,7 @@ def test_one_pass_equals_reading_each_context_length_alone(model, mode):
                 for d in documents
             ]
     finally:
-        model.set_mode("hmt")
+        model.set_mode("hmt", keep_tokens_per_segment=True)
     assert [s.skipped for s in got.context] == [0, 0, 1, 2]
     assert [s.documents for s in got.context] == [4, 4, 3, 2]
     assert got.document.tokens == sum(len(d) - 1 for d in documents)

@@ -120,7 +120,8 @@ def test_eval_recipe_writes_results_plots_and_tensorboard(assets, tmp_path):
     import json
 
     out = tmp_path / "eval"
-    proc = run_recipe("hmt_eval", write_config(eval_config(assets, out), tmp_path / "eval.yaml"))
+    cfg = eval_config(assets, out, published_test_ppl={"test_lengths": [36], "batch_size": 2, "test_step": 2})
+    proc = run_recipe("hmt_eval", write_config(cfg, tmp_path / "eval.yaml"))
     report = json.loads((out / "eval_results.json").read_text())
     assert set(report["runs"]) == {"baseline", "rmt", "hmt"}
     assert report["memory_probe"]["name"] == "tensor_bytes"
@@ -131,7 +132,13 @@ def test_eval_recipe_writes_results_plots_and_tensorboard(assets, tmp_path):
         )
         assert run["document"]["documents"] == 3 and run["document"]["ppl"] > 1
     assert report["runs"]["hmt"]["recall_distance"] and not report["runs"]["rmt"]["recall_distance"]
-    assert report["runs"]["baseline"]["tokens_per_segment"] == 24
+    # Every mode reads hmt's 18 new tokens per segment (baseline: in an 18-token call).
+    assert {run["tokens_per_segment"] for run in report["runs"].values()} == {18}
+    for run in report["runs"].values():
+        (published,) = run["published_test"]
+        assert (published["test_length"], published["batches"], published["windows"]) == (36, 2, 4)
+        assert published["ppl"] >= published["token_ppl"] > 1
+    assert "Published test PPL" in proc.stdout
     for name in ("ppl_vs_context.png", "recall_distance_hist.png"):
         assert (out / name).stat().st_size > 1000
     scalars = _scalars(out / "logs")
@@ -174,7 +181,9 @@ def test_runs_of_different_checkpoints_and_lm_eval_tasks(assets, tmp_path):
             200,
         ]
         assert 0 <= run["lm_eval"]["tiny_mc"]["acc,none"] <= 1
-    assert report["runs"]["backbone"]["tokens_per_segment"] == 24
+    # The pretrained backbone in baseline mode reads the trained run's 18 new tokens per
+    # segment (keep_tokens_per_segment): both score the same tokens.
+    assert report["runs"]["backbone"]["tokens_per_segment"] == 18
     assert report["runs"]["trained"]["tokens_per_segment"] == 18
     assert not (out / "ppl_vs_context.png").exists()
 

@@ -6,9 +6,9 @@
 
 The task (:func:`hmt_plugin.data.synthetic_recall_dataset`): a value planted at the start
 of one segment must be produced ``d`` segments later, after a question; only the answer is
-scored. Each model gets data laid out in its own segments (``baseline`` reads more new
-tokens per segment than HMT, which gives room to memory and sensory tokens), so ``d`` counts
-the segment boundaries the value must cross for every model alike. ``d = 0`` (needle and
+scored. Every model reads HMT's number of new tokens per segment (``baseline`` and ``rmt``
+in a shorter backbone call, as the mode comparisons elsewhere do), so the documents and the
+segment boundaries the value must cross are the same for every model. ``d = 0`` (needle and
 question in one segment) is the control every model should solve.
 
 Every model starts from the same random tiny Llama and trains with the fine-tuning recipe
@@ -52,7 +52,13 @@ def _task(args, tokens_per_segment: int, distances, num_documents: int, seed: in
 
 
 def _settings(args, mode: str, depth: int) -> Dict[str, Any]:
-    return dict(mode=mode, segment_length=args.segment_length, num_sensory=args.num_sensory,
+    from hmt_plugin.modules.hmt_config import HMTConfig
+
+    # Every model reads HMT's new tokens per segment (``baseline`` and ``rmt`` in a shorter
+    # backbone call), so the segments, and the distances, are the same for all of them.
+    hmt = HMTConfig(mode="hmt", segment_length=args.segment_length, num_sensory=args.num_sensory)
+    length = hmt.with_mode(mode, keep_tokens_per_segment=True).segment_length
+    return dict(mode=mode, segment_length=length, num_sensory=args.num_sensory,
                 recall_hidden_dim=args.recall_hidden_dim, cache_size=args.cache_size,
                 bptt_depth=depth)
 

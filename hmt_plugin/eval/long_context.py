@@ -14,10 +14,17 @@ streaming a document in pieces gives what one call gives), and the main pass goe
 the document. The whole-document PPL comes from the main pass. The cost is one read of each
 document plus one segment per T, not a read of T tokens per T.
 
-Modes read with their own segment size (``baseline`` has no memory or sensory tokens, so its
-segments hold more new tokens); each mode's score is over its own last segment.
+Another mode than the model's own reads, by default, as many new tokens per segment as the
+model's mode (``keep_tokens_per_segment``: ``baseline`` and ``rmt`` then make a shorter backbone
+call), so that modes compared on the same documents score the same tokens and only memory
+differs. A T that is not a whole number of segments scores only the first ``T mod
+tokens_per_segment`` tokens of a segment; a warning names the aligned T.
+
+:func:`evaluate_published_test_ppl` is the published code's test PPL, a different metric (see
+its docstring).
 """
 
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -31,6 +38,8 @@ from tqdm import tqdm
 
 from hmt_plugin.eval.memory import MemoryProbe, memory_probe as make_probe
 from hmt_plugin.modules.hmt import HMT
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,6 +79,30 @@ class DocumentScore:
 
 
 @dataclass
+class PublishedTestScore:
+    """The published code's test PPL at one ``--test_length`` (see
+    :func:`evaluate_published_test_ppl`).
+
+    Attributes:
+        test_length: its ``--test_length``.
+        tokens_per_segment: L, its ``block_size``: the window slide and the tokens scored.
+        windows / batches: windows read, in full batches of ``batch_size``.
+        tokens: targets scored.
+        ppl: the published number, the mean over batches of ``exp(batch mean NLL)``.
+        token_ppl: ``exp`` of the mean NLL over every scored token (ours, on the same tokens).
+    """
+
+    test_length: int
+    tokens_per_segment: int
+    batch_size: int
+    windows: int
+    batches: int
+    tokens: int
+    ppl: float
+    token_ppl: float
+
+
+@dataclass
 class LongContextResult:
     """Everything one model (in one mode) scored.
 
@@ -96,6 +129,7 @@ class LongContextResult:
     memory_probe: str = "none"
     tokens_read: int = 0
     seconds: float = 0.0
+    published_test: List[PublishedTestScore] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)
@@ -110,6 +144,7 @@ class LongContextResult:
         if data.get("document") is not None:
             data["document"] = DocumentScore(**data["document"])
         data["recall_distance"] = {int(k): v for k, v in data.get("recall_distance", {}).items()}
+        data["published_test"] = [PublishedTestScore(**p) for p in data.get("published_test", [])]
         return cls(**data)
 
 
@@ -150,17 +185,36 @@ def document_arrays(documents: Any, max_tokens: Optional[int] = None):
 
 
 @contextmanager
-def reading_mode(model: HMT, mode: Optional[str]) -> Iterator[None]:
-    """``model`` in ``mode`` and eval mode for the block; both restored afterwards."""
-    original, was_training = model.config.mode, model.training
+def reading_mode(model: HMT, mode: Optional[str], keep_tokens_per_segment: bool = True) -> Iterator[None]:
+    """``model`` in ``mode`` and eval mode for the block; both restored afterwards. By default
+    the mode reads as many new tokens per segment as the model's own
+    (:meth:`HMT.set_mode`'s ``keep_tokens_per_segment``)."""
+    original, was_training = model.config, model.training
     if mode is not None:
-        model.set_mode(mode)
+        model.set_mode(mode, keep_tokens_per_segment=keep_tokens_per_segment)
     model.eval()
     try:
         yield
     finally:
-        model.set_mode(original)
+        model.config = original
         model.train(was_training)
+
+
+def misaligned_context_lengths(context_lengths: Sequence[int], tokens_per_segment: int) -> List[str]:
+    """One message per T that is not a whole number of segments, naming the aligned T."""
+    out = []
+    for t in context_lengths:
+        part = t % tokens_per_segment
+        if part:
+            lower, upper = t - part, t - part + tokens_per_segment
+            aligned = f"T={lower} or T={upper}" if lower else f"T={upper}"
+            out.append(
+                f"context length T={t} ends {part} tokens into a segment of {tokens_per_segment} new "
+                f"tokens: its score covers those {part} tokens only (the first tokens of a segment, "
+                "hard for every model; HMT recalls for them from a summary of fewer tokens than it "
+                f"was trained with). {aligned} scores a whole segment."
+            )
+    return out
 
 
 @torch.inference_mode()
@@ -177,6 +231,7 @@ def evaluate_long_context(
     document_ppl: bool = True,
     memory: Any = "auto",
     progress: bool = False,
+    keep_tokens_per_segment: bool = True,
 ) -> LongContextResult:
     """Score ``documents`` at each context length (and whole) in one streaming read.
 
@@ -193,6 +248,8 @@ def evaluate_long_context(
         max_tokens (Optional[int]): read at most this many tokens of each document.
         document_ppl (bool): also read every document to its end for whole-document PPL
             (otherwise each stops at its largest T).
+        keep_tokens_per_segment (bool): ``mode`` reads as many new tokens per segment as the
+            model's own mode (default; see :meth:`HMT.set_mode`).
         memory: a :class:`MemoryProbe` or its name (``auto``, ``cuda``, ``tensor_bytes``,
             ``rss``, ``none``).
         progress (bool): show a progress bar over documents.
@@ -218,8 +275,10 @@ def evaluate_long_context(
         )
     device = next(model.parameters()).device
     probe = memory if isinstance(memory, MemoryProbe) else make_probe(memory, device)
-    with reading_mode(model, mode):
+    with reading_mode(model, mode, keep_tokens_per_segment):
         cfg = model.config
+        for message in misaligned_context_lengths(ts, cfg.tokens_per_segment):
+            log.warning(f"{label or cfg.mode}: {message}")
         scorer = _Scorer(model, ts, chunk_segments * cfg.tokens_per_segment, document_ppl, probe)
         rows = [
             i for i, (t, _) in enumerate(docs) if len(t) >= 2 and (document_ppl or len(t) >= ts[0])
@@ -233,6 +292,114 @@ def evaluate_long_context(
         bar.close()
         result = scorer.result(label or cfg.mode, docs, time.perf_counter() - start)
     return result
+
+
+def published_test_windows(stream_length: int, test_length: int, block: int) -> List[tuple]:
+    """``(start, end)`` of the published test windows over a stream of ``stream_length``
+    tokens: ``[max(0, i - block), i + test_length)`` for ``i = 0, block, 2 * block, ...``
+    (its ``group_texts(x, test_length, block_size)``), cut at the stream's end."""
+    return [(max(0, i - block), min(i + test_length, stream_length)) for i in range(0, stream_length, block)]
+
+
+@torch.inference_mode()
+def evaluate_published_test_ppl(
+    model: HMT,
+    documents: Any,
+    *,
+    test_lengths: Sequence[int],
+    batch_size: int = 1,
+    test_step: Optional[int] = None,
+    mode: Optional[str] = None,
+    chunk_segments: int = 16,
+    max_tokens: Optional[int] = None,
+    keep_tokens_per_segment: bool = True,
+) -> List[PublishedTestScore]:
+    """The test PPL of the published code (hmt_src/main.py, its test loop), on our model.
+
+    The documents are concatenated into one stream (its ``group_texts`` concatenates a map
+    batch of documents). For each ``test_length`` T and L = the mode's new tokens per
+    segment: windows ``[max(0, i - L), i + T)`` for ``i = 0, L, 2L, ...`` (T + L tokens,
+    sliding by L; the first and the last are shorter), each read from a fresh state; the
+    last L tokens of each window are scored (all but the first when a window holds L or
+    fewer); windows go in batches of ``batch_size`` in order, the last incomplete batch
+    dropped (``drop_last``), at most ``test_step`` batches; the result is the mean over
+    batches of ``exp(mean NLL of the batch)``.
+
+    How it differs from :func:`evaluate_long_context`: it scores the L tokens that end a window
+    of T + L, which straddle two segments unless T is a multiple of L, not the last segment
+    after T tokens of one document; windows cross document boundaries; and a mean of
+    per-batch exponentials is at least the exponential of the mean (Jensen), more so with
+    small batches. ``token_ppl`` gives the latter on the same tokens. The published code
+    left-pads a batch's shorter windows; here rows are right-padded with exact masks, so a
+    window scores the same whatever it is batched with.
+    """
+    ts = check_context_lengths(test_lengths)
+    for name, value in (("batch_size", batch_size), ("chunk_segments", chunk_segments)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer.")
+    if test_step is not None and (not isinstance(test_step, int) or test_step < 1):
+        raise ValueError(f"test_step={test_step!r} must be a positive integer or null (every batch).")
+    docs = document_arrays(documents, max_tokens)
+    if not docs:
+        raise ValueError("no documents to score.")
+    stream = np.concatenate([t for t, _ in docs])
+    labels = np.concatenate([t if lab is None else lab for t, lab in docs])
+    device = next(model.parameters()).device
+    out = []
+    with reading_mode(model, mode, keep_tokens_per_segment):
+        block = model.config.tokens_per_segment
+        chunk = chunk_segments * block
+        for t in ts:
+            windows = published_test_windows(len(stream), t, block)
+            n_batches = len(windows) // batch_size
+            if test_step is not None:
+                n_batches = min(n_batches, test_step)
+            if n_batches == 0:
+                raise ValueError(
+                    f"test_length={t}: the {len(stream)}-token test stream gives {len(windows)} windows, "
+                    f"fewer than one batch of batch_size={batch_size}; lower the batch size or add documents."
+                )
+            batch_ppl, nll_sum, count = [], 0.0, 0
+            for k in range(n_batches):
+                rows = windows[k * batch_size : (k + 1) * batch_size]
+                total, scored = _read_windows(model, stream, labels, rows, block, chunk, device)
+                batch_ppl.append(_exp(total / scored))
+                nll_sum, count = nll_sum + total, count + scored
+            out.append(PublishedTestScore(
+                test_length=t, tokens_per_segment=block, batch_size=batch_size,
+                windows=n_batches * batch_size, batches=n_batches, tokens=count,
+                ppl=float(np.mean(batch_ppl)), token_ppl=_exp(nll_sum / count),
+            ))
+    return out
+
+
+def _read_windows(model: HMT, stream, labels, rows, block: int, chunk: int, device) -> tuple:
+    """Sum of the NLL of the published scored targets over a batch of windows, and their
+    count; each window read from a fresh state, in calls of ``chunk`` tokens."""
+    lengths = [end - start for start, end in rows]
+    width = max(lengths)
+    tokens = np.zeros((len(rows), width), dtype=np.int64)
+    targets = np.full((len(rows), width), CROSS_ENTROPY_IGNORE_IDX, dtype=np.int64)
+    for r, (start, end) in enumerate(rows):
+        n = end - start
+        tokens[r, :n] = stream[start:end]
+        # Its mask_size: the last L labels, or all but the first of a window of <= L tokens.
+        first = n - block if n > block else 1
+        targets[r, first:n] = labels[start + first : end]
+    scored = int((targets != CROSS_ENTROPY_IGNORE_IDX).sum())
+    tokens_t = torch.from_numpy(tokens).to(device)
+    targets_t = torch.from_numpy(targets).to(device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    state = None
+    for pos in range(0, width, chunk):
+        w = min(chunk, width - pos)
+        seq_lens = [max(0, min(w, n - pos)) for n in lengths]
+        result = model(tokens_t[:, pos : pos + w], seq_lens=seq_lens, labels=targets_t[:, pos : pos + w],
+                       state=state, logits="none")
+        state = result.state
+        total += result.nll.sum(dtype=torch.float64)
+        del result
+    return float(total), scored
 
 
 _PADDING = -2  # recall distance of a segment a row does not have
@@ -460,4 +627,21 @@ def format_long_context_table(results: Sequence[LongContextResult]) -> str:
     if skipped:
         lines.append("")
         lines.append("Documents skipped (shorter than T): " + ", ".join(skipped))
+    return "\n".join(lines)
+
+
+def format_published_test_table(results: Sequence[LongContextResult]) -> str:
+    """The published code's test PPL by test length, one column per run (and, in brackets,
+    exp of the mean NLL over the same tokens)."""
+    ts = sorted({s.test_length for r in results for s in r.published_test})
+    lines = [
+        "Published test PPL (mean over batches of exp(batch loss); [exp of the mean NLL])",
+        f"{'T':>8} " + " ".join(f"{r.label:>22}" for r in results),
+    ]
+    for t in ts:
+        cells = []
+        for r in results:
+            s = next((s for s in r.published_test if s.test_length == t), None)
+            cells.append(f"{f'{s.ppl:.3f} [{s.token_ppl:.3f}]':>22}" if s is not None else f"{'-':>22}")
+        lines.append(f"{t:>8} " + " ".join(cells))
     return "\n".join(lines)

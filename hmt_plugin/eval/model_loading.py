@@ -122,9 +122,10 @@ def _check_settings(model: HMT, directory: Path, where: str) -> None:
             )
 
 
-def describe(model: HMT, mode: Optional[str] = None) -> str:
-    """One line about the model (read in ``mode``), for logs."""
-    cfg = model.config.with_mode(mode) if mode else model.config
+def describe(model: HMT, mode: Optional[str] = None, *, keep_tokens_per_segment: bool = True) -> str:
+    """One line about the model (read in ``mode``, by default at the model's new tokens per
+    segment), for logs."""
+    cfg = model.config.with_mode(mode, keep_tokens_per_segment=keep_tokens_per_segment) if mode else model.config
     n = sum(p.numel() for p in model.parameters())
     return (
         f"HMT ({cfg.mode}): {n:,} parameters, segment_length {cfg.segment_length}, "

@@ -48,15 +48,18 @@ def score_mode(
     max_tokens: Optional[int] = None,
     pad_id: int = 0,
     device: Optional[torch.device] = None,
+    keep_tokens_per_segment: bool = True,
 ) -> ModeScore:
     """Read every document whole (up to ``max_tokens``) in ``mode`` (default: the model's
-    own) and score it. The model's mode is restored afterwards."""
+    own) and score it. By default ``mode`` reads as many new tokens per segment as the
+    model's own mode, so modes compared on the same documents see the same segments (see
+    :meth:`HMT.set_mode`). The model's mode is restored afterwards."""
     from hmt_plugin.data import SegmentWindows, segment_collate
 
     device = device or next(model.parameters()).device
-    original = model.config.mode
+    original = model.config
     if mode is not None:
-        model.set_mode(mode)
+        model.set_mode(mode, keep_tokens_per_segment=keep_tokens_per_segment)
     was_training = model.training
     model.eval()
     try:
@@ -103,7 +106,7 @@ def score_mode(
             documents=docs,
         )
     finally:
-        model.set_mode(original)
+        model.config = original
         model.train(was_training)
 
 
