@@ -48,6 +48,7 @@ def hmt(
     bptt_depth: int = 2,
     score_scale: str = "sqrt",
     recall_dtype: Optional[str] = None,
+    memory_init: str = "mean_embedding",
 ) -> HMT:
     """Wrap a torchtune decoder with HMT. Usable as ``_component_`` in a YAML config::
 
@@ -79,5 +80,6 @@ def hmt(
         bptt_depth=bptt_depth,
         score_scale=score_scale,
         recall_dtype=recall_dtype,
+        memory_init=memory_init,
     )
     return HMT(build_backbone(backbone), config)

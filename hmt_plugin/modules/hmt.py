@@ -130,19 +130,35 @@ class HMT(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     def fresh_hmt_state_dict(
-        self, embedding_std: float, generator: Optional[torch.Generator] = None
+        self, embeddings: torch.Tensor, generator: Optional[torch.Generator] = None
     ) -> Dict[str, torch.Tensor]:
-        """Initial HMT parameters as full CPU float32 tensors, as the published code draws them:
-        memory embeddings ~ N(0, std of the token embeddings), recall projections as
-        ``nn.Linear`` does. Works on a model built on the meta device (only shapes are read),
-        so distributed recipes can initialise before sharding."""
+        """Initial HMT parameters as full CPU float32 tensors. Works on a model built on the
+        meta device (only shapes are read), so distributed recipes can initialise before
+        sharding.
+
+        The memory embeddings (``initial_memory``, ``summary_token``) follow
+        ``config.memory_init``: ``"mean_embedding"`` puts the mean token embedding in every
+        row, an input the backbone has seen the like of (a random vector at position 0, where
+        pretrained models keep their attention sink, disturbs the first segments of an
+        untrained model); ``"published"`` draws them ~ N(0, std of the token embeddings), as
+        the published code does. The recall projections are drawn as ``nn.Linear`` draws
+        its weights.
+
+        Args:
+            embeddings (torch.Tensor): ``[vocab, d]`` the backbone's token embeddings.
+            generator (Optional[torch.Generator]): for the random draws.
+        """
+        embeddings = embeddings.detach().float().cpu()
         out = {}
         for name, param in self.named_parameters():
             if name.startswith("backbone."):
                 continue
             value = torch.empty(param.shape, dtype=torch.float32)
             if name in ("initial_memory", "summary_token"):
-                value.normal_(0.0, float(embedding_std), generator=generator)
+                if self.config.memory_init == "mean_embedding":
+                    value.copy_(embeddings.mean(dim=0).expand_as(value))
+                else:
+                    value.normal_(0.0, embeddings.std().item(), generator=generator)
             else:
                 nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
             out[name] = value
@@ -155,7 +171,7 @@ class HMT(nn.Module):
         params = {n: p for n, p in self.named_parameters() if not n.startswith("backbone.")}
         if not params or weight.is_meta or any(p.is_meta for p in params.values()):
             return
-        fresh = self.fresh_hmt_state_dict(weight.detach().float().std().item(), generator)
+        fresh = self.fresh_hmt_state_dict(weight, generator)
         with torch.no_grad():
             for name, value in fresh.items():
                 params[name].copy_(value)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 MODES = ("baseline", "rmt", "hmt_stage1", "hmt")
+MEMORY_INITS = ("mean_embedding", "published")
 SCORE_SCALES = ("sqrt", "linear", "published")
 RECALL_DTYPES = (None, "bfloat16", "float16", "float32")
 
@@ -43,6 +44,11 @@ class HMTConfig:
             the model's dtype, scores in float32. ``"bfloat16"``: as the published code runs
             it (projections, query, cached memories and scores in bfloat16, softmax in float32
             and cast back, P_n in bfloat16); converting a published checkpoint sets it.
+        memory_init (str): how a model without an HMT checkpoint starts its memory
+            embeddings (``initial_memory``, ``summary_token``): ``"mean_embedding"`` (default,
+            the backbone's mean token embedding: an untrained HMT then reads its first
+            segments as well as the backbone does) or ``"published"`` (~ N(0, std of the token
+            embeddings), as the published code draws them). It only matters before training.
     """
 
     segment_length: int = 256
@@ -55,6 +61,7 @@ class HMTConfig:
     bptt_depth: int = 2
     score_scale: str = "sqrt"
     recall_dtype: Optional[str] = None
+    memory_init: str = "mean_embedding"
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -88,6 +95,10 @@ class HMTConfig:
         need(
             self.score_scale in SCORE_SCALES,
             f"score_scale={self.score_scale!r} is unknown; use one of {', '.join(SCORE_SCALES)}.",
+        )
+        need(
+            self.memory_init in MEMORY_INITS,
+            f"memory_init={self.memory_init!r} is unknown; use one of {', '.join(MEMORY_INITS)}.",
         )
         need(
             self.recall_dtype in RECALL_DTYPES,

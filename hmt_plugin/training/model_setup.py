@@ -168,8 +168,8 @@ def initial_state_dict(
 
     * the backbone's base weights (torchtune keys from a torchtune checkpointer);
     * LoRA adapters: ``adapter_state`` (torchtune keys, when resuming) or fresh ones;
-    * HMT parameters: drawn from the token embeddings' std (seeded, as the published code
-      draws them), then overlaid by ``hmt_checkpoint`` if given (a stage-1 checkpoint leaves
+    * HMT parameters: initialised from the token embeddings (``config.memory_init``;
+      seeded), then overlaid by ``hmt_checkpoint`` if given (a stage-1 checkpoint leaves
       the recall parameters fresh: the paper's stage 2).
 
     Raises:
@@ -190,7 +190,7 @@ def initial_state_dict(
             "model_type and files."
         )
     hmt_state = model.fresh_hmt_state_dict(
-        embedding.float().std().item(), generator=torch.Generator().manual_seed(seed)
+        embedding, generator=torch.Generator().manual_seed(seed)
     )
     if hmt_checkpoint is not None:
         path = Path(hmt_checkpoint)
