@@ -6,11 +6,13 @@ directory the test writes (always), and on SmolLM2-135M itself when it is on dis
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+from hmt_plugin.bench.runs import read_metrics
 from hmt_plugin.checkpointing import load_hmt_checkpoint
 from hmt_plugin.cli import config_path
 from hmt_plugin.recipes.hmt_eval import HMTEvalRecipe
@@ -56,16 +58,22 @@ def _evaluate(cfg):
         recipe.cleanup()
 
 
-@pytest.mark.slow
-def test_smollm2_configs_on_a_tiny_hf_directory(tmp_path):
-    backbone = write_hf_checkpoint(tmp_path / "model", "llama_tied_gqa", vocab_size=320,
+def _tiny_setup(tmp_path, name="llama_tied_gqa"):
+    """A tiny HF directory with its tokenizer, books, and the overrides that size the configs
+    down to it."""
+    backbone = write_hf_checkpoint(tmp_path / "model", name, vocab_size=320,
                                    max_position_embeddings=128)
     write_hf_tokenizer(backbone, bos_in_template=False,
                        generation_config={"bos_token_id": 1, "eos_token_id": 2})
     books = _books(tmp_path / "books", 6, 900)
-    small = {"backbone_dir": str(backbone), "dataset.source": str(books), "batch_size": 2,
-             "max_steps_per_epoch": 4, "save_every_n_steps": 2, "model.segment_length": 32,
-             "model.num_sensory": 4, "model.recall_hidden_dim": 32, "log_peak_memory_stats": False}
+    return {"backbone_dir": str(backbone), "dataset.source": str(books), "batch_size": 2,
+            "max_steps_per_epoch": 4, "save_every_n_steps": 2, "model.segment_length": 32,
+            "model.num_sensory": 4, "model.recall_hidden_dim": 32, "log_peak_memory_stats": False}
+
+
+@pytest.mark.slow
+def test_smollm2_configs_on_a_tiny_hf_directory(tmp_path):
+    small = _tiny_setup(tmp_path)
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     run_in_process("hmt_finetune_single_device", _config(
         "hmt_stage1", output_dir=str(stage1), metric_logger=_disk_logger(stage1), **small))
@@ -94,6 +102,22 @@ def test_smollm2_configs_on_a_tiny_hf_directory(tmp_path):
         assert set(runs) == {"pretrained", "hmt"}
         for run in runs.values():
             assert all(s["tokens"] > 0 and math.isfinite(s["ppl"]) for s in run["context"])
+
+
+@pytest.mark.slow
+def test_dora_stage1_resumes_exactly(tmp_path):
+    small = {**_tiny_setup(tmp_path, "llama_untied"), "model.backbone.use_dora": True}
+    out, resumed = tmp_path / "run", tmp_path / "resumed"
+    run_in_process("hmt_finetune_single_device", _config(
+        "hmt_stage1", output_dir=str(out), metric_logger=_disk_logger(out), **small))
+    shutil.copytree(out / "step_0000002", resumed / "step_0000002")
+    run_in_process("hmt_finetune_single_device", _config(
+        "hmt_stage1", output_dir=str(resumed), metric_logger=_disk_logger(resumed),
+        resume_from_checkpoint=True, **small))
+    again, original = read_metrics(resumed / "logs"), read_metrics(out / "logs")
+    assert sorted(again) == [3, 4]
+    # The trained DoRA magnitudes are restored, not re-derived from the base weights.
+    assert all(again[k]["loss"] == original[k]["loss"] for k in again)
 
 
 @pytest.mark.slow

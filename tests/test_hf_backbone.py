@@ -73,6 +73,18 @@ def test_builds_from_yaml_loads_strictly_and_runs(tmp_path, name, variant):
     assert (len(trained) > 0) == (variant != "plain")
 
 
+@pytest.mark.parametrize("name", ["llama_tied_gqa", "qwen2_untied"])
+def test_dora(tmp_path, name):
+    hf_dir = write_hf_checkpoint(tmp_path / "hf", name)
+    model = _yaml_model(hf_dir, **LORA, use_dora=True)
+    lora = lora_settings(model)
+    assert lora["is_dora"]
+    base = load_backbone(_yaml_checkpointer(hf_dir, tmp_path / "out"))
+    load_initial_state(model, initial_state_dict(model, base, lora=lora, seed=0), lora)
+    ids = torch.randint(0, 64, (2, 70))
+    assert torch.isfinite(model(ids, labels=ids).nll).all()
+
+
 def test_tied_and_untied_output(tmp_path):
     tied = decoder_from_hf_config(write_hf_checkpoint(tmp_path / "t", "llama_tied_gqa"))
     untied = decoder_from_hf_config(write_hf_checkpoint(tmp_path / "u", "llama_untied"))

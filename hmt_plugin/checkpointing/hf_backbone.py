@@ -89,7 +89,8 @@ def decoder_from_hf_config(
     Args:
         source: ``config.json`` as a dict, its path, or the checkpoint directory.
         max_seq_len: longest sequence one call reads (default ``max_position_embeddings``;
-            Mistral and sliding-window Qwen2 are capped at their window, see below).
+            Mistral and sliding-window Qwen2 are capped at ``sliding_window``, which
+            torchtune's builders do not implement).
         lora: torchtune's LoRA builder arguments (``lora_attn_modules``,
             ``apply_lora_to_mlp``, ``apply_lora_to_output``, ``lora_rank``, ``lora_alpha``,
             ``lora_dropout``, ``use_dora``, ``quantize_base``) for the ``lora_*`` builder of the

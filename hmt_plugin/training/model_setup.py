@@ -86,8 +86,12 @@ def lora_settings(model: HMT) -> Optional[Dict[str, Any]]:
     }
     if not adapters:
         return None
-    ranks = {m.rank for m in adapters.values()}
-    alphas = {m.alpha for m in adapters.values()}
+    # LoRALinear keeps rank and alpha; DoRALinear only lora_a's width and alpha / rank.
+    ranks = {m.lora_a.out_features for m in adapters.values()}
+    alphas = {
+        m.alpha if hasattr(m, "alpha") else round(m.scaling * m.lora_a.out_features, 6)
+        for m in adapters.values()
+    }
     if len(ranks) != 1 or len(alphas) != 1:
         raise ValueError(f"LoRA adapters with mixed ranks {ranks} / alphas {alphas} are not supported.")
     leaves = {name.rsplit(".", 1)[-1] for name in adapters}
@@ -231,8 +235,9 @@ def load_initial_state(model: HMT, full: Dict[str, torch.Tensor], lora: Optional
     """Single device: load :func:`initial_state_dict`'s result into ``model``."""
     model.load_state_dict(full, strict=False)
     if lora is not None and lora["is_dora"]:
-        for m in model.modules():
-            if hasattr(m, "initialize_dora_magnitude"):
+        # Fresh DoRA magnitudes come from the loaded base weights; resumed ones are trained.
+        for name, m in model.named_modules():
+            if hasattr(m, "initialize_dora_magnitude") and f"{name}.magnitude" not in full:
                 m.initialize_dora_magnitude()
 
 
