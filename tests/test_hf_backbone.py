@@ -153,6 +153,9 @@ def test_checkpointer_defaults_follow_the_directory(tmp_path):
         {"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00001.safetensors"}}))
     assert hf_weight_files(hf_dir) == ["model-00001-of-00001.safetensors"]
     assert len(hf_checkpointer(hf_dir, tmp_path / "o2").load_checkpoint()["model"]) > 0
+    pattern = {"filename_format": "model-{}-of-{}.safetensors", "max_filename": "00001"}
+    assert len(hf_checkpointer(hf_dir, tmp_path / "o4", checkpoint_files=pattern)
+               .load_checkpoint()["model"]) > 0
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text((hf_dir / "config.json").read_text())

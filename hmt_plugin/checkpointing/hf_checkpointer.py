@@ -9,7 +9,7 @@ config names the model once (``${backbone_dir}``)::
 
 import json
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 from torchtune.training import FullModelHFCheckpointer
 
@@ -53,7 +53,7 @@ def hf_checkpointer(
     checkpoint_dir: Union[str, Path],
     output_dir: Union[str, Path],
     *,
-    checkpoint_files: Optional[List[str]] = None,
+    checkpoint_files: Optional[Union[List[str], Dict[str, str]]] = None,
     recipe_checkpoint: Optional[str] = None,
     adapter_checkpoint: Optional[str] = None,
     resume_from_checkpoint: bool = False,
@@ -69,7 +69,12 @@ def hf_checkpointer(
     override, ``safe_serialization``, ``should_load_recipe_state``) go to the checkpointer.
     """
     model_type = kwargs.pop("model_type", None) or checkpointer_model_type(checkpoint_dir)
-    files = list(checkpoint_files) if checkpoint_files else hf_weight_files(checkpoint_dir)
+    if not checkpoint_files:
+        files = hf_weight_files(checkpoint_dir)
+    elif isinstance(checkpoint_files, Mapping):  # torchtune's {filename_format, max_filename}
+        files = dict(checkpoint_files)
+    else:
+        files = list(checkpoint_files)
     return FullModelHFCheckpointer(
         checkpoint_dir=str(checkpoint_dir),
         checkpoint_files=files,
