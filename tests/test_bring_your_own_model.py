@@ -121,6 +121,22 @@ def test_dora_stage1_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
+def test_full_fine_tune_resumes_through_hf_checkpointer(tmp_path):
+    # No LoRA: a step checkpoint holds the whole backbone, re-read by the same checkpointer.
+    small = {**_tiny_setup(tmp_path), "model.backbone.lora_attn_modules": None,
+             "model.backbone.apply_lora_to_mlp": False}
+    out, resumed = tmp_path / "run", tmp_path / "resumed"
+    run_in_process("hmt_finetune_single_device", _config(
+        "hmt_stage1", output_dir=str(out), metric_logger=_disk_logger(out), **small))
+    shutil.copytree(out / "step_0000002", resumed / "step_0000002")
+    run_in_process("hmt_finetune_single_device", _config(
+        "hmt_stage1", output_dir=str(resumed), metric_logger=_disk_logger(resumed),
+        resume_from_checkpoint=True, **small))
+    again, original = read_metrics(resumed / "logs"), read_metrics(out / "logs")
+    assert sorted(again) == [3, 4] and all(again[k]["loss"] == original[k]["loss"] for k in again)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not (SMOLLM2_DIR / "config.json").is_file(),
                     reason=f"SmolLM2-135M is not at {SMOLLM2_DIR} (../shared/tools/smollm2_135m.sh)")
 def test_smollm2_20_lora_steps_then_eval(tmp_path):
