@@ -1,8 +1,6 @@
 """A model's tokenizer.json (torchtune's HuggingFaceBaseTokenizer) through hf_tokenizer: BOS
 and EOS as the model's files say, and the data pipeline and token cache on top of it."""
 
-import json
-
 import pytest
 from omegaconf import OmegaConf
 from torchtune import config
