@@ -132,7 +132,7 @@ def test_loss_only_nll_is_zero_outside_the_last_segment():
         full = model(batch["tokens"], seq_lens=[100, 50], labels=batch["labels"],
                      logits="none", loss_scope="last")
         lean = model(batch["tokens"], seq_lens=[100, 50], labels=batch["labels"],
-                     logits="none", loss_scope="last", nll="loss")
+                     logits="none", loss_scope="last", outputs="loss")
     block = model.config.tokens_per_segment
     starts = [((n - 1) // block) * block for n in (100, 50)]
     for row, (n, start) in enumerate(zip([100, 50], starts)):
@@ -142,7 +142,54 @@ def test_loss_only_nll_is_zero_outside_the_last_segment():
     assert not lean.nll[:, :first].any() and full.nll[:, 1:first].all()
 
 
-def test_nll_option_is_checked():
+    # The first segment's summary is not computed (it recalls nothing); the others are.
+    assert not lean.summaries[:, 0].any()
+    assert torch.allclose(lean.summaries[:, 1:], full.summaries[:, 1:], atol=1e-6)
+
+
+def test_outputs_option_is_checked():
     model = hmt_tiny(**SMALL)
-    with pytest.raises(ValueError, match="nll='some'"):
-        model(torch.zeros(1, 30, dtype=torch.long), nll="some")
+    with pytest.raises(ValueError, match="outputs='some'"):
+        model(torch.zeros(1, 30, dtype=torch.long), outputs="some")
+
+
+# --------------------------------------------------------------------- the recipes' keys
+def test_recipe_options_are_checked():
+    from omegaconf import OmegaConf
+
+    from hmt_plugin.training.run_config import ConfigError, loss_options
+
+    assert loss_options(OmegaConf.create({})) == {"log_all_segments": True,
+                                                  "checkpoint_segments": False}
+    with pytest.raises(ConfigError, match="segment_checkpointing='yes' must be true or false"):
+        loss_options(OmegaConf.create({"segment_checkpointing": "yes"}))
+    with pytest.raises(ConfigError, match="both true"):
+        loss_options(OmegaConf.create({"segment_checkpointing": True,
+                                       "enable_activation_checkpointing": True}))
+
+
+@pytest.mark.slow
+def test_recipe_with_both_options_logs_the_same_losses(tmp_path):
+    """The single-device recipe with ``segment_checkpointing: true`` and
+    ``log_all_segments: false``: the same losses and last-segment PPL step by step, and no
+    ``ppl_all_segments`` in the log."""
+    from hmt_plugin.bench.runs import read_metrics
+    from tests.recipe_utils import demo_config, run_in_process
+
+    plain, lean = tmp_path / "plain", tmp_path / "lean"
+    run_in_process("hmt_finetune_single_device", demo_config(plain, max_steps_per_epoch=3))
+    run_in_process("hmt_finetune_single_device", demo_config(
+        lean, max_steps_per_epoch=3, segment_checkpointing=True, log_all_segments=False))
+    a, b = read_metrics(plain / "logs"), read_metrics(lean / "logs")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6)
+        assert b[step]["ppl_last_segment"] == pytest.approx(a[step]["ppl_last_segment"], rel=1e-5)
+        assert "ppl_all_segments" in a[step] and "ppl_all_segments" not in b[step]
+
+
+def test_loss_only_outputs_on_a_single_segment():
+    """One segment, fresh: no representation pass at all, the same loss and gradients."""
+    model = hmt_tiny(**SMALL).train()
+    batch = _batch([15, 12], 15)
+    _same(_step(model, batch, "last"), _step(model, batch, "last", log_all_segments=False))

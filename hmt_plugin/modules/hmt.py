@@ -214,7 +214,7 @@ class HMT(nn.Module):
         state: Optional[HMTState] = None,
         logits: LogitsPolicy = "all",
         loss_scope: str = "all",
-        nll: str = "all",
+        outputs: str = "all",
         checkpoint_segments: bool = False,
     ) -> HMTOutput:
         """Read ``tokens`` segment by segment.
@@ -233,11 +233,13 @@ class HMT(nn.Module):
             loss_scope (str): ``"all"`` or ``"last"``: where ``nll`` carries gradients. With
                 ``"last"`` only the targets in each row's last segment do (the published
                 training loss); the others are computed without a graph, for logging.
-            nll (str): ``"all"``: NLL at every target. ``"loss"``: only in the segments that
-                hold some row's loss targets (``loss_scope``), 0 in the others; with
+            outputs (str): ``"all"``: ``nll`` at every target and ``summaries`` of every
+                segment. ``"loss"``: only what the loss needs: ``nll`` only in the segments
+                that hold some row's loss targets (``loss_scope``), 0 in the others (with
                 ``loss_scope="last"`` this skips the output projection of the earlier
-                segments, which only logging reads (the all-segment perplexity is then
-                unknown).
+                segments, which only logging reads), and no representation pass for the
+                first segment of documents that start here (it recalls nothing; its summary
+                is returned as zeros).
             checkpoint_segments (bool): recompute each backbone call in backward instead of
                 keeping its activations (see :mod:`hmt_plugin.modules.segment_checkpoint`):
                 activation memory stops growing with the window's depth, for about one more
@@ -248,8 +250,11 @@ class HMT(nn.Module):
         """
         if loss_scope not in ("all", "last"):
             raise ValueError(f"loss_scope={loss_scope!r}: use 'all' or 'last'.")
-        if nll not in ("all", "loss"):
-            raise ValueError(f"nll={nll!r}: use 'all' (every target) or 'loss' (loss targets only).")
+        if outputs not in ("all", "loss"):
+            raise ValueError(
+                f"outputs={outputs!r}: use 'all' (every target's NLL, every summary) or 'loss' "
+                "(only what the loss needs)."
+            )
         if not (logits in ("all", "none") or (isinstance(logits, int) and logits >= 0)):
             raise ValueError(f"logits={logits!r}: use 'all', 'none' or a number of segments.")
         if tokens.dim() != 2:
@@ -280,7 +285,7 @@ class HMT(nn.Module):
                 "of a call on the same batch of documents."
             )
         reader = _Reader(self, tokens, labels, lengths, state, logits, loss_scope)
-        reader.nll_everywhere = nll == "all"
+        reader.all_outputs = outputs == "all"
         reader.checkpoint = bool(checkpoint_segments)
         return reader.run()
 
@@ -376,8 +381,8 @@ class _Reader:
         self.new_width = tokens.shape[1]
         self.logits_policy = logits_policy
         self.loss_scope = loss_scope
-        # Set by HMT.forward (its ``nll`` and ``checkpoint_segments``).
-        self.nll_everywhere = True
+        # Set by HMT.forward (its ``outputs`` and ``checkpoint_segments``).
+        self.all_outputs = True
         self.checkpoint = False
         self.state_in = state
         self.block = self.cfg.tokens_per_segment
@@ -453,7 +458,10 @@ class _Reader:
         if self.n_segments == 0:
             return self._finish([], [], [], [], self._first_target_nll(None), None, {-1: self.state_in})
         dtype = self.decoder.tok_embeddings.weight.dtype
-        summaries = self._summaries() if cfg.uses_recall else None
+        # A fresh document's first segment starts from initial_memory: its summary is only
+        # an output, computed unless the caller asked for the loss alone.
+        skip = 1 if fresh and not self.all_outputs else 0
+        summaries = self._summaries(skip) if cfg.uses_recall else None
 
         st = self.state_in
         memory = st.memory
@@ -526,25 +534,30 @@ class _Reader:
                 )
         return self._finish(memories, scores_out, logits_out, nll_pred, nll_first, summaries, snaps)
 
-    def _summaries(self) -> torch.Tensor:
-        """Representation encoding of every segment in one batched backbone call.
+    def _summaries(self, skip: int = 0) -> torch.Tensor:
+        """Representation encoding of every segment (but the first ``skip``, returned as
+        zeros) in one batched backbone call.
 
         Returns ``[b, s, m, d]``: final-norm hidden state at the trailing ``mem`` of
         ``[mem; first summary_tokens of the segment; mem]``."""
         b, s, m = self.batch, self.n_segments, self.cfg.num_memory_tokens
         h = self.cfg.summary_tokens
-        grid = F.pad(self.tokens, (0, s * self.block - self.width)).view(b, s, self.block)
-        ids = grid[:, :, :h].reshape(b * s, h)
         dtype = self.decoder.tok_embeddings.weight.dtype
-        probe = self.model.summary_token.to(dtype).expand(b * s, m, -1)
+        zeros = torch.zeros(b, skip, m, embed_dim_of(self.decoder), dtype=dtype, device=self.device)
+        read = s - skip
+        if read == 0:
+            return zeros
+        grid = F.pad(self.tokens, (0, s * self.block - self.width)).view(b, s, self.block)
+        ids = grid[:, skip:, :h].reshape(b * read, h)
+        probe = self.model.summary_token.to(dtype).expand(b * read, m, -1)
         x = torch.cat([probe, embed_tokens(self.decoder, ids), probe], dim=1)
-        counts = [[m, min(h, self.seg_lens[n][row]), m] for row in range(b) for n in range(s)]
+        counts = [[m, min(h, self.seg_lens[n][row]), m] for row in range(b) for n in range(skip, s)]
         attn_mask, positions = ragged_layout(counts, [m, h, m], self.device)
         hidden = maybe_checkpoint(
             self.checkpoint, run_layers, self.decoder, x, mask=attn_mask, input_pos=positions
         )
-        out = self.decoder.norm(hidden[:, hidden.shape[1] - m :])
-        return out.view(b, s, m, -1)
+        out = self.decoder.norm(hidden[:, hidden.shape[1] - m :]).view(b, read, m, -1)
+        return torch.cat([zeros.to(out.dtype), out], dim=1) if skip else out
 
     # ------------------------------------------------------------------ outputs
     def _kept(self, n: int) -> bool:
@@ -588,7 +601,7 @@ class _Reader:
                     loss_from = min(loss_from, w - 1)
         parts = []
         if loss_from > 0:
-            if self.nll_everywhere:
+            if self.all_outputs:
                 with torch.no_grad():  # for logging only: no graph
                     parts.append(_nll(project(self.decoder, token_hidden[:, :loss_from]), targets[:, :loss_from]))
             else:

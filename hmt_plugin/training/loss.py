@@ -57,7 +57,7 @@ def segment_loss(
         tokens_per_segment (int): the model's segment size in new tokens.
         scope (str): ``"last"`` (targets in each row's last segment) or ``"all"``.
         all_segments (bool): ``nll`` holds every target's NLL (False: only the loss targets',
-            as ``HMT.forward(..., nll="loss")`` gives; ``all_sum`` is then None).
+            as ``HMT.forward(..., outputs="loss")`` gives; ``all_sum`` is then None).
     """
     if scope not in LOSS_SCOPES:
         raise ValueError(f"loss_scope={scope!r}: use one of {LOSS_SCOPES}.")
@@ -92,7 +92,8 @@ def batch_loss(
     Args:
         log_all_segments (bool): with ``scope="last"``, also compute the NLL of the earlier
             segments, which only the logged ``ppl_all_segments`` reads (False skips their
-            output projection: the same loss and gradients, faster, and no all-segment PPL).
+            output projection, and the unused summary of each document's first segment: the
+            same loss and gradients, faster, and no all-segment PPL).
         checkpoint_segments (bool): recompute each backbone call in backward (see
             :mod:`hmt_plugin.modules.segment_checkpoint`).
     """
@@ -101,7 +102,7 @@ def batch_loss(
     labels = batch["labels"].to(device)
     out = model(
         tokens, seq_lens=seq_lens, labels=labels, logits="none", loss_scope=scope,
-        nll="all" if log_all_segments else "loss", checkpoint_segments=checkpoint_segments,
+        outputs="all" if log_all_segments else "loss", checkpoint_segments=checkpoint_segments,
     )
     return segment_loss(out.nll, labels, seq_lens, model.config.tokens_per_segment, scope,
                         all_segments=log_all_segments)
