@@ -47,7 +47,7 @@ from hmt_plugin.training.model_setup import (
     lora_settings,
     set_trainable,
 )
-from hmt_plugin.training.run_config import validate_finetune_config
+from hmt_plugin.training.run_config import loss_options, validate_finetune_config
 from hmt_plugin.training.validation import run_validation
 
 log = utils.get_logger("INFO")
@@ -68,6 +68,7 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
         self._grad_accum = cfg.gradient_accumulation_steps
         self._clip_grad_norm = cfg.get("clip_grad_norm")
         self._loss_scope = cfg.get("loss_scope", "last")
+        self._loss_options = loss_options(cfg)
         self._resume = cfg.get("resume_from_checkpoint", False)
         self.seed = training.set_seed(seed=cfg.seed)
         self.total_epochs = cfg.epochs
@@ -237,7 +238,8 @@ class HMTFinetuneRecipeSingleDevice(FTRecipeInterface):
             for idx, batch in enumerate(self._dataloader):
                 if steps_done_in_epoch >= self._steps_per_epoch:
                     break
-                loss = batch_loss(self._model, batch, self._device, self._loss_scope)
+                loss = batch_loss(self._model, batch, self._device, self._loss_scope,
+                                  **self._loss_options)
                 loss.loss_sum.backward()
                 sums.add(loss)
                 if (idx + 1) % self._grad_accum != 0:

@@ -3,7 +3,7 @@ component arguments the component does not take — each named, with the likely 
 
 import difflib
 import inspect
-from typing import Any, Iterable
+from typing import Any, Dict, Iterable
 
 from omegaconf import DictConfig, ListConfig
 from torchtune.config._utils import _get_component_from_path
@@ -15,7 +15,8 @@ FINETUNE_KEYS = {
     "gradient_accumulation_steps", "clip_grad_norm", "compile", "enable_activation_checkpointing",
     "metric_logger", "log_every_n_steps", "log_peak_memory_stats", "save_every_n_steps",
     "keep_last_n_checkpoints", "profiler", "validation", "fsdp_cpu_offload",
-    "fsdp_reshard_after_forward", "distributed_timeout_s",
+    "fsdp_reshard_after_forward", "distributed_timeout_s", "log_all_segments",
+    "segment_checkpointing",
 }
 # Top-level keys ending in `_dir` are path variables for `${...}` interpolation
 # (model_dir, backbone_dir, stage1_dir, ...).
@@ -148,6 +149,33 @@ def validate_finetune_config(cfg: DictConfig) -> None:
     if cfg.get("validation") is not None:
         check_keys(cfg.validation, {"dataset", "modes", "batch_size", "max_tokens"}, "validation.")
         check_component_args(cfg.validation.dataset, "validation.dataset.")
+    loss_options(cfg)
+
+
+def loss_options(cfg: DictConfig) -> Dict[str, bool]:
+    """The ``batch_loss`` options a fine-tuning config sets:
+
+    * ``log_all_segments`` (default true): with ``loss_scope: last``, also compute the earlier
+      segments' NLL, which only the logged ``ppl_all_segments`` reads; false skips their
+      output projection (same loss and gradients, faster; ``ppl_all_segments`` is not logged).
+    * ``segment_checkpointing`` (default false): recompute each segment's backbone call in
+      backward, so activation memory stops growing with ``bptt_depth`` (about a third more
+      time per step). Same loss and gradients.
+    """
+    values = {}
+    for key, default in (("log_all_segments", True), ("segment_checkpointing", False)):
+        value = cfg.get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false.")
+        values[key] = value
+    if values["segment_checkpointing"] and cfg.get("enable_activation_checkpointing", False):
+        raise ConfigError(
+            "segment_checkpointing and enable_activation_checkpointing are both true: each "
+            "recomputes the backbone in backward, together twice. Keep one (segment_checkpointing "
+            "also covers the loss head)."
+        )
+    return {"log_all_segments": values["log_all_segments"],
+            "checkpoint_segments": values["segment_checkpointing"]}
 
 
 def validate_config_file(cfg: DictConfig) -> None:
