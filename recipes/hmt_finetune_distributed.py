@@ -289,7 +289,7 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
                 if steps_done_in_epoch >= self._steps_per_epoch:
                     break
                 loss = batch_loss(self._model, batch, self._device, self._loss_scope,
-                                  **self._loss_options)
+                                  **self._loss_options.for_step(self.global_step + 1))
                 loss.loss_sum.backward()
                 sums.add(loss)
                 if (idx + 1) % self._grad_accum != 0:

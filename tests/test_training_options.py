@@ -159,8 +159,12 @@ def test_recipe_options_are_checked():
 
     from hmt_plugin.training.run_config import ConfigError, loss_options
 
-    assert loss_options(OmegaConf.create({})) == {"log_all_segments": True,
-                                                  "checkpoint_segments": False}
+    default = loss_options(OmegaConf.create({"log_every_n_steps": 5}))
+    # ppl_all_segments is computed on the logged steps only.
+    assert default.for_step(5) == {"log_all_segments": True, "checkpoint_segments": False}
+    assert default.for_step(6)["log_all_segments"] is False
+    off = loss_options(OmegaConf.create({"log_all_segments": False}))
+    assert off.for_step(1)["log_all_segments"] is False
     with pytest.raises(ConfigError, match="segment_checkpointing='yes' must be true or false"):
         loss_options(OmegaConf.create({"segment_checkpointing": "yes"}))
     with pytest.raises(ConfigError, match="both true"):

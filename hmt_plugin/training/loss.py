@@ -108,6 +108,30 @@ def batch_loss(
                         all_segments=log_all_segments)
 
 
+@dataclass(frozen=True)
+class LossOptions:
+    """How the recipes compute a step's loss (config keys ``log_all_segments`` and
+    ``segment_checkpointing``).
+
+    Attributes:
+        log_all_segments (bool): log ``ppl_all_segments``. Its NLL outside the loss (the
+            earlier segments with ``loss_scope: last``) is computed only on the optimizer
+            steps that are logged; False never computes it.
+        checkpoint_segments (bool): recompute each backbone call in backward.
+        log_every_n_steps (int): which steps are logged.
+    """
+
+    log_all_segments: bool = True
+    checkpoint_segments: bool = False
+    log_every_n_steps: int = 1
+
+    def for_step(self, step: int) -> Dict[str, bool]:
+        """``batch_loss`` options for the micro-batches of optimizer step ``step`` (1-based)."""
+        logged = step % max(1, self.log_every_n_steps) == 0
+        return {"log_all_segments": self.log_all_segments and logged,
+                "checkpoint_segments": self.checkpoint_segments}
+
+
 class LossAccumulator:
     """Sums of :class:`SegmentLoss` over the micro-batches of one optimizer step (and, after
     :meth:`all_reduce`, over the ranks), so the loss is normalised by the step's total number

@@ -3,7 +3,7 @@ component arguments the component does not take — each named, with the likely 
 
 import difflib
 import inspect
-from typing import Any, Dict, Iterable
+from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig
 from torchtune.config._utils import _get_component_from_path
@@ -152,12 +152,12 @@ def validate_finetune_config(cfg: DictConfig) -> None:
     loss_options(cfg)
 
 
-def loss_options(cfg: DictConfig) -> Dict[str, bool]:
-    """The ``batch_loss`` options a fine-tuning config sets:
+def loss_options(cfg: DictConfig) -> "LossOptions":
+    """The loss options a fine-tuning config sets:
 
-    * ``log_all_segments`` (default true): with ``loss_scope: last``, also compute the earlier
-      segments' NLL, which only the logged ``ppl_all_segments`` reads; false skips their
-      output projection (same loss and gradients, faster; ``ppl_all_segments`` is not logged).
+    * ``log_all_segments`` (default true): log ``ppl_all_segments``. With ``loss_scope: last``
+      its NLL (the earlier segments') is computed only on the steps that are logged
+      (``log_every_n_steps``); false never computes it (same loss and gradients either way).
     * ``segment_checkpointing`` (default false): recompute each segment's backbone call in
       backward, so activation memory stops growing with ``bptt_depth`` (about a third more
       time per step). Same loss and gradients.
@@ -174,8 +174,11 @@ def loss_options(cfg: DictConfig) -> Dict[str, bool]:
             "recomputes the backbone in backward, together twice. Keep one (segment_checkpointing "
             "also covers the loss head)."
         )
-    return {"log_all_segments": values["log_all_segments"],
-            "checkpoint_segments": values["segment_checkpointing"]}
+    from hmt_plugin.training.loss import LossOptions
+
+    return LossOptions(log_all_segments=values["log_all_segments"],
+                       checkpoint_segments=values["segment_checkpointing"],
+                       log_every_n_steps=cfg.get("log_every_n_steps") or 1)
 
 
 def validate_config_file(cfg: DictConfig) -> None:
