@@ -3,9 +3,13 @@ its tables.
 
     speed       tokens/s and peak memory: HMT vs no memory vs full attention (CPU default)
     speed-gpu   the same on CUDA in bf16 with a Llama 3.2 1B-sized random backbone
-    quality     pretrain a small Llama on books, fine-tune baseline / rmt / hmt, PPL by length
+    quality     pretrain a small Llama on books, fine-tune baseline / rmt / hmt, PPL by length;
+                with --backbone DIR: a pretrained HF backbone (e.g. SmolLM2-135M), no pretraining,
+                against no memory, a sliding window and full context on the same held-out tokens
     recall      synthetic long-range recall accuracy by distance, baseline / rmt / hmt
     quantized   full precision vs weight-only quantized HMT evaluation (tokens/s, memory)
+    vs-published  this project against the published HMT code, same weights, interleaved
+    gpu-check   one command for a GPU machine: bf16 speed, int4 eval, FSDP2 on NCCL, SmolLM2
 
 ``python -m hmt_plugin.bench <name> --help`` lists each one's options. Benchmarks are not
 tests: they are run by hand, never in CI.
@@ -22,6 +26,8 @@ COMMANDS = {
     "quality": ("hmt_plugin.bench.quality", "main"),
     "recall": ("hmt_plugin.bench.recall", "main"),
     "quantized": ("hmt_plugin.bench.quantized", "main"),
+    "vs-published": ("hmt_plugin.bench.vs_published", "main"),
+    "gpu-check": ("hmt_plugin.bench.gpu_check", "main"),
 }
 
 

@@ -185,14 +185,24 @@ def read_full(decoder: torch.nn.Module, doc: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def train_step(model: HMT, tokens: torch.Tensor, loss_scope: str) -> torch.Tensor:
-    """One forward + backward over a window, as the fine-tuning recipe computes it."""
+def train_step(
+    model: HMT,
+    tokens: torch.Tensor,
+    loss_scope: str,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    **loss_options: Any,
+) -> torch.Tensor:
+    """One forward + backward over a window, as the fine-tuning recipe computes it (its
+    ``batch_loss``, with ``loss_options`` such as ``log_all_segments`` and
+    ``checkpoint_segments``), then ``optimizer.step()`` when one is given."""
     for p in model.parameters():
         p.grad = None
     rows, width = tokens.shape
     batch = {"tokens": tokens, "labels": tokens, "seq_lens": torch.full((rows,), width)}
-    loss = batch_loss(model, batch, tokens.device, loss_scope)
+    loss = batch_loss(model, batch, tokens.device, loss_scope, **loss_options)
     (loss.loss_sum / loss.num_tokens).backward()
+    if optimizer is not None:
+        optimizer.step()
     return loss.loss_sum.detach() / loss.num_tokens
 
 
@@ -451,9 +461,12 @@ def profile_reads(
 
 
 # ---------------------------------------------------------------------------- the benchmark
-def _random_doc(vocab: int, length: int, batch: int, device: torch.device, seed: int) -> torch.Tensor:
+def random_doc(vocab: int, length: int, batch: int, device: torch.device, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=gen).to(device)
+
+
+_random_doc = random_doc  # the name other benchmarks import
 
 
 def run_speed(args: argparse.Namespace) -> Dict[str, Any]:
@@ -508,7 +521,7 @@ def run_speed(args: argparse.Namespace) -> Dict[str, Any]:
         if not args.skip_eval and _wants_profile(args, results["eval"], seg_len):
             length = min(args.profile_length, max(lengths))
             stderr(f"profiling segment_length={seg_len} over {length} tokens")
-            doc = _random_doc(dims["vocab_size"], length, args.batch_size, device, args.seed)
+            doc = random_doc(dims["vocab_size"], length, args.batch_size, device, args.seed)
             results["profile"][str(seg_len)] = profile_reads(model, doc, args.chunk_segments, device)
         model.set_mode("hmt")
         del model
@@ -527,7 +540,7 @@ def _in_mode(model: HMT, mode: str, fn: Callable[[], torch.Tensor]) -> Callable[
 
 
 def _eval_cell(model: HMT, args, seg_len: int, length: int, device, probe) -> Dict[str, Any]:
-    doc = _random_doc(model.backbone.tok_embeddings.num_embeddings, length, args.batch_size,
+    doc = random_doc(model.backbone.tok_embeddings.num_embeddings, length, args.batch_size,
                       device, args.seed)
     tokens = args.batch_size * length
     cell: Dict[str, Any] = {"segment_length": seg_len, "length": length}
@@ -561,7 +574,7 @@ def _train_cell(model: HMT, args, seg_len: int, depth: int, scope: str, device, 
     variants, windows = [], {}
     for mode in ("hmt", "baseline"):
         window = depth * model.config.with_mode(mode).tokens_per_segment
-        tokens = _random_doc(vocab, window, args.batch_size, device, args.seed + depth)
+        tokens = random_doc(vocab, window, args.batch_size, device, args.seed + depth)
         windows[mode] = window
         step = partial(train_step, model, tokens, scope)
         variants.append(Variant(mode, _in_mode(model, mode, step), args.batch_size * window))
