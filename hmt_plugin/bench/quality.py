@@ -541,6 +541,11 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--backbone" or a.startswith("--backbone=") for a in argv):
+        # A pretrained backbone given by directory: no pretraining step (quality_pretrained).
+        from hmt_plugin.bench import quality_pretrained
+
+        return quality_pretrained.main(argv)
     args = parse(argv)
     run = BenchRun("quality", argv)
     results = run_quality(args)

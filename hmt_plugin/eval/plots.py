@@ -1,7 +1,7 @@
 """PNG plots of an evaluation: PPL against context length, recall-distance histogram."""
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from hmt_plugin.eval.long_context import LongContextResult
 
@@ -63,26 +63,64 @@ def plot_recall_distance(results: Sequence[LongContextResult], path: Path) -> Op
     """Histogram of how many segments back each segment's strongest recall looks (the
     paper's Figure 11), one series per ``hmt`` run. Returns the path, or None without any
     recall."""
-    with_recall = [r for r in results if r.recall_distance]
-    if not with_recall:
+    return plot_recall_histogram({r.label: r.recall_distance for r in results}, path)
+
+
+def plot_recall_histogram(series: Mapping[str, Mapping[Any, int]], path: Path) -> Optional[Path]:
+    """The recall-distance histogram from ``{label: {segments back: count}}`` (keys may be
+    strings, as read back from JSON; ``-1``, nothing recalled, is left out). Returns the
+    path, or None when no series has a recall."""
+    counts = {
+        label: {int(k): v for k, v in c.items() if int(k) >= 0} for label, c in series.items()
+    }
+    counts = {label: c for label, c in counts.items() if c}
+    if not counts:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    width = 0.8 / len(with_recall)
-    for i, r in enumerate(with_recall):
-        total = sum(r.recall_distance.values())
-        xs = sorted(r.recall_distance)
+    width = 0.8 / len(counts)
+    for i, (label, c) in enumerate(counts.items()):
+        total = sum(c.values())
+        xs = sorted(c)
         ax.bar(
-            [x + (i - (len(with_recall) - 1) / 2) * width for x in xs],
-            [r.recall_distance[x] / total for x in xs],
+            [x + (i - (len(counts) - 1) / 2) * width for x in xs],
+            [c[x] / total for x in xs],
             width=width,
-            label=f"{r.label} ({total} segments)",
+            label=f"{label} ({total} segments)",
         )
     ax.set_xlabel("segments back of the strongest recall")
     ax.set_ylabel("fraction of segments")
     ax.set_title("Recall distance")
     ax.legend()
     ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_band_ppl(series: Mapping[str, Sequence[Mapping[str, float]]], path: Path) -> Optional[Path]:
+    """PPL by position band, one line per reader, with one-standard-error bars; the legend
+    sits beside the axes, not on the data. ``series`` maps a label to band scores
+    (:class:`~hmt_plugin.eval.token_nll.BandScore` as dicts: ``end``, ``ppl``, ``ppl_low``,
+    ``ppl_high``). Returns the path, or None when there is nothing to draw."""
+    series = {label: bands for label, bands in series.items() if bands}
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9.0, 4.2))
+    for label, bands in series.items():
+        xs = [b["end"] for b in bands]
+        ys = [b["ppl"] for b in bands]
+        err = [[b["ppl"] - b["ppl_low"] for b in bands], [b["ppl_high"] - b["ppl"] for b in bands]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("end of the position band T (tokens read before it: the previous band end)")
+    ax.set_ylabel("PPL of the band")
+    ax.set_title("Perplexity by position in held-out pieces")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

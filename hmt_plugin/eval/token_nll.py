@@ -46,11 +46,16 @@ def hmt_token_nll(
     batch_size: int = 4,
     chunk_segments: int = 16,
     device: Optional[torch.device] = None,
+    recall_distances: Optional[Dict[int, int]] = None,
 ) -> np.ndarray:
     """``[pieces, length]`` NLL of each token under ``model`` in its current mode.
 
     Each piece is a fresh document; calls of ``chunk_segments`` segments carry the state, so
     activation memory stays bounded however long the pieces are.
+
+    Args:
+        recall_distances: if given (``hmt`` mode), counts of how many segments back each
+            segment's strongest recall looked are added to it (``-1``: nothing to recall).
     """
     tokens = _stack(pieces)
     device = device or next(model.parameters()).device
@@ -59,6 +64,7 @@ def hmt_token_nll(
     out = np.empty((n, length), dtype=np.float64)
     was_training = model.training
     model.eval()
+    distances = []
     try:
         for lo in range(0, n, batch_size):
             rows = tokens[lo : lo + batch_size].to(device)
@@ -68,10 +74,16 @@ def hmt_token_nll(
                 result = model(chunk, labels=chunk, state=state, logits="none")
                 state = result.state
                 parts.append(result.nll.float())
+                if recall_distances is not None and result.recall_scores is not None:
+                    distances.append(result.recall_distance(model.config.num_memory_tokens).flatten())
             # One transfer per batch of pieces, not one per call.
             out[lo : lo + len(rows)] = torch.cat(parts, dim=1).cpu().double().numpy()
     finally:
         model.train(was_training)
+    if distances:
+        values, counts = torch.cat(distances).unique(return_counts=True)
+        for v, c in zip(values.tolist(), counts.tolist()):
+            recall_distances[int(v)] = recall_distances.get(int(v), 0) + int(c)
     out[:, 0] = np.nan
     return out
 

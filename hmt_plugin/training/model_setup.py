@@ -193,6 +193,8 @@ def initial_state_dict(
             "the backbone checkpoint has no 'tok_embeddings.weight'; check the checkpointer's "
             "model_type and files."
         )
+    # The backbone's shapes first: the HMT parameters are drawn from its embeddings.
+    _check_shapes({k: v for k, v in full.items() if k in shapes}, shapes)
     hmt_state = model.fresh_hmt_state_dict(
         embedding, generator=torch.Generator().manual_seed(seed)
     )
@@ -219,7 +221,12 @@ def initial_state_dict(
             f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}. Check that "
             "`model` and `checkpointer` describe the same architecture and size."
         )
-    for key, value in full.items():
+    _check_shapes(full, shapes)
+    return full
+
+
+def _check_shapes(state: Dict[str, torch.Tensor], shapes: Dict[str, tuple]) -> None:
+    for key, value in state.items():
         want = shapes[key]
         if tuple(value.shape) != want:
             raise KeyError(
@@ -228,7 +235,6 @@ def initial_state_dict(
                 "`model` to the checkpoint's (see its config.json), or point the checkpointer at "
                 "a checkpoint of this size."
             )
-    return full
 
 
 def load_initial_state(model: HMT, full: Dict[str, torch.Tensor], lora: Optional[Dict[str, Any]]) -> None:

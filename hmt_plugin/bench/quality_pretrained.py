@@ -1,0 +1,599 @@
+"""Quality on a real pretrained backbone: does HMT read held-out books better than the same
+backbone with no memory, with a sliding window, and than RMT, after the same fine-tuning?
+
+    python -m hmt_plugin.bench quality --backbone ~/.cache/hmt_backbones/smollm2-135m
+    python -m hmt_plugin.bench quality --backbone DIR --device cuda      # bf16, one GPU
+    python -m hmt_plugin.bench quality --backbone DIR --quick            # minutes, a smoke run
+
+``--backbone`` is any Hugging Face checkpoint directory the project covers
+(:func:`hmt_plugin.models.hf_backbone`); its ``tokenizer.json`` tokenizes the books.
+
+Steps:
+
+1. Books: ``--train_books`` / ``--eval_books``, or a seeded split of ``--books`` (default:
+   ``../shared/data/gutenberg``); no held-out book is ever read by a training step.
+2. Fine-tuning, each a real run of the ``hmt_finetune_single_device`` recipe on a config
+   written to ``<work_dir>/runs``, all from the same backbone, with the same optimizer,
+   learning rate and number of training tokens:
+
+   * ``no_memory``: the backbone alone (``baseline`` mode) on segments of the same new
+     tokens as HMT's (it serves both no-memory readers below);
+   * ``rmt``: the memory embedding carried, no sensory tokens, the same new tokens;
+   * ``hmt_stage1``: sensory tokens and carried memory, ``--stage1_segments`` per window;
+   * ``hmt``: stage 2, recall on, from stage 1's weights, ``--stage2_segments`` per window
+     (long enough for the cache to hold memories to choose from).
+
+3. Every reader scores the same tokens of the same held-out pieces (``--eval_tokens`` tokens,
+   whole segments, from ``--eval_skip`` tokens into each book), position by position
+   (:mod:`hmt_plugin.eval.token_nll`): the untuned backbone in pieces of the new tokens, with a
+   sliding window as long as HMT's backbone call, and with the whole piece in context (the
+   upper bound); the untuned HMT stage 1 (both memory initialisations: the step-0 check);
+   and each fine-tuned model, the stage-2 model also with recall switched off.
+
+Per-reader NLL arrays are kept in ``<work_dir>/eval``, and runs in ``<work_dir>/runs``: an
+interrupted benchmark continues where it stopped when called again with ``--reuse``.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from hmt_plugin.bench import runs
+from hmt_plugin.bench.report import (
+    BenchRun,
+    header,
+    machine_info,
+    markdown_table,
+    stderr,
+    write_json,
+)
+from hmt_plugin.training.checkpoints import latest_checkpoint
+
+SHARED_BOOKS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gutenberg"
+
+# Sizes by device; a flag given on the command line wins over them.
+PRESETS = {
+    "cpu": dict(
+        dtype="fp32", batch_size=1, stage1_segments=4, stage2_segments=8, stage1_steps=60,
+        stage2_steps=24, eval_segments=18, pieces_per_book=1, eval_batch_size=2, threads=2,
+    ),
+    "cuda": dict(
+        dtype="bf16", batch_size=8, stage1_segments=4, stage2_segments=15, stage1_steps=150,
+        stage2_steps=60, eval_segments=36, pieces_per_book=4, eval_batch_size=8, threads=None,
+    ),
+    "quick": dict(
+        dtype="fp32", batch_size=1, stage1_segments=2, stage2_segments=3, stage1_steps=2,
+        stage2_steps=2, eval_segments=4, pieces_per_book=1, eval_batch_size=2, threads=None,
+        num_eval_books=2, num_train_books=2, eval_skip=0, segment_length=48, num_sensory=8,
+        cache_size=16, work_dir="outputs/bench/quality-pretrained-quick",
+    ),
+}
+
+# reader label -> (run it reads, how it reads); "run" None is the untuned backbone.
+READERS = [
+    ("no memory (untuned)", None, "pieces"),
+    ("sliding window (untuned)", None, "sliding"),
+    ("full context (untuned)", None, "full"),
+    ("hmt stage 1, step 0, published init", None, "hmt_stage1:published"),
+    ("hmt stage 1, step 0, mean-embedding init", None, "hmt_stage1:mean_embedding"),
+    ("no memory", "no_memory", "pieces"),
+    ("sliding window", "no_memory", "sliding"),
+    ("rmt", "rmt", "rmt"),
+    ("hmt stage 1", "hmt_stage1", "hmt_stage1"),
+    ("hmt", "hmt", "hmt"),
+    ("hmt, recall off", "hmt", "hmt_stage1"),
+]
+
+
+# ---------------------------------------------------------------------------- settings
+class Settings:
+    """The benchmark's sizes, derived once from the arguments."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from hmt_plugin.modules.hmt_config import HMTConfig
+
+        self.args = args
+        hmt = HMTConfig(mode="hmt", segment_length=args.segment_length,
+                        num_sensory=args.num_sensory, cache_size=args.cache_size)
+        self.new_tokens = hmt.tokens_per_segment
+        # Equal new tokens per segment in every mode: only memory differs between the arms.
+        self.segment_length = {
+            mode: HMTConfig(mode="hmt", segment_length=args.segment_length,
+                            num_sensory=args.num_sensory).with_mode(
+                                mode, keep_tokens_per_segment=True).segment_length
+            for mode in ("baseline", "rmt", "hmt_stage1", "hmt")
+        }
+        self.eval_tokens = args.eval_segments * self.new_tokens
+        # Every arm trains on the same number of tokens: HMT's two stages together (the
+        # single-stage arms in whole steps of stage-1 windows, so within half a step of it).
+        self.train_tokens = self.new_tokens * args.batch_size * (
+            args.stage1_segments * args.stage1_steps + args.stage2_segments * args.stage2_steps
+        )
+        per_step = self.new_tokens * args.batch_size * args.stage1_segments
+        self.single_stage_steps = max(1, round(self.train_tokens / per_step))
+
+
+def hf_model_node(args, *, mode: str, segment_length: int, bptt_depth: int,
+                  lora: bool) -> Dict[str, Any]:
+    backbone: Dict[str, Any] = {"_component_": "hmt_plugin.models.hf_backbone",
+                                "checkpoint_dir": str(args.backbone),
+                                "max_seq_len": args.max_seq_len}
+    if lora:
+        backbone.update(lora_attn_modules=["q_proj", "k_proj", "v_proj", "output_proj"],
+                        apply_lora_to_mlp=True, lora_rank=args.lora_rank,
+                        lora_alpha=2 * args.lora_rank)
+    return {
+        "_component_": "hmt_plugin.models.hmt", "backbone": backbone, "mode": mode,
+        "segment_length": segment_length, "num_sensory": args.num_sensory,
+        "sum_fraction": 0.5, "cache_size": args.cache_size, "bptt_depth": bptt_depth,
+        "memory_init": args.memory_init,
+    }
+
+
+def checkpointer_node(checkpoint_dir: Path, output_dir: Path) -> Dict[str, Any]:
+    return {"_component_": "hmt_plugin.checkpointing.hf_checkpointer",
+            "checkpoint_dir": str(checkpoint_dir), "output_dir": str(output_dir)}
+
+
+def tokenizer_node(args) -> Dict[str, Any]:
+    return {"_component_": "hmt_plugin.data.hf_tokenizer", "path": str(args.backbone)}
+
+
+# ---------------------------------------------------------------------------- books
+def split_books(args, work: Path) -> Tuple[Path, Path, Dict[str, Any]]:
+    """Training and held-out folders: given, or a seeded split of ``--books`` (symlinks)."""
+    if args.train_books or args.eval_books:
+        if not (args.train_books and args.eval_books):
+            raise SystemExit("give both --train_books and --eval_books, or neither (split --books).")
+        train_dir, eval_dir = Path(args.train_books).expanduser(), Path(args.eval_books).expanduser()
+        for flag, folder in (("--train_books", train_dir), ("--eval_books", eval_dir)):
+            if not folder.is_dir():
+                raise SystemExit(f"{flag} {folder} is not a directory of .txt books.")
+    else:
+        source = Path(args.books).expanduser()
+        if not source.is_dir():
+            raise SystemExit(f"--books {source} is not a directory of .txt books; give --books, "
+                             "or --train_books and --eval_books.")
+        files = sorted(p for p in source.glob("*.txt") if p.is_file())
+        need = args.num_eval_books + (args.num_train_books or 1)
+        if len(files) < need:
+            raise SystemExit(f"--books {source} holds {len(files)} .txt files; need {need}.")
+        order = list(files)
+        random.Random(args.split_seed).shuffle(order)
+        held_out, rest = sorted(order[: args.num_eval_books]), order[args.num_eval_books :]
+        train = sorted(rest[: args.num_train_books] if args.num_train_books else rest)
+        train_dir, eval_dir = work / "data" / "train", work / "data" / "eval"
+        for folder, chosen in ((train_dir, train), (eval_dir, held_out)):
+            folder.mkdir(parents=True, exist_ok=True)
+            for old in folder.iterdir():
+                old.unlink()
+            for f in chosen:
+                (folder / f.name).symlink_to(f.resolve())
+    train_files, eval_files = sorted(train_dir.rglob("*.txt")), sorted(eval_dir.rglob("*.txt"))
+    if not train_files or not eval_files:
+        raise SystemExit(f"no .txt files in {train_dir if not train_files else eval_dir}.")
+    same = ({f.resolve() for f in train_files} & {f.resolve() for f in eval_files}) or (
+        {f.name for f in train_files} & {f.name for f in eval_files})
+    if same:
+        raise SystemExit(f"held-out books are also training books: {sorted(map(str, same))}")
+    return train_dir, eval_dir, {
+        "train_dir": str(train_dir), "eval_dir": str(eval_dir),
+        "train_books": [f.name for f in train_files], "eval_books": [f.name for f in eval_files],
+        "split_seed": None if args.train_books else args.split_seed,
+    }
+
+
+def eval_pieces(args, settings: Settings, eval_dir: Path, cache: Path) -> Tuple[List[List[int]], List[str]]:
+    """Pieces of ``eval_tokens`` tokens, ``pieces_per_book`` per book, starting ``eval_skip``
+    tokens in (past the title pages); a book too short for one piece is left out and named."""
+    from torchtune import config as tt_config
+    from omegaconf import OmegaConf
+
+    from hmt_plugin.data import long_text_dataset
+
+    tokenizer = tt_config.instantiate(OmegaConf.create(tokenizer_node(args)))
+    docs = long_text_dataset(tokenizer, str(eval_dir), strip_gutenberg=True, cache_dir=str(cache),
+                             progress=False)
+    pieces, names = [], []
+    n = settings.eval_tokens
+    for i in range(len(docs)):
+        tokens = np.asarray(docs.document_tokens(i))[args.eval_skip :]
+        count = min(args.pieces_per_book, len(tokens) // n)
+        if count == 0:
+            stderr(f"held-out document {i} has {len(tokens)} tokens after eval_skip: too short "
+                   f"for one {n}-token piece, left out")
+        for k in range(count):
+            pieces.append(tokens[k * n : (k + 1) * n].tolist())
+            names.append(f"doc{i}.piece{k}")
+    if not pieces:
+        raise SystemExit(f"no held-out book has {args.eval_skip + n} tokens; lower --eval_segments "
+                         "or --eval_skip.")
+    return pieces, names
+
+
+# ---------------------------------------------------------------------------- training
+def train_runs(args, settings: Settings, train_dir: Path, work: Path, cache: Path) -> Dict[str, Any]:
+    """The four fine-tuning runs, in order (stage 2 starts from stage 1)."""
+    backbone = Path(args.backbone)
+    s1, s2 = args.stage1_segments, args.stage2_segments
+    plan = [
+        # name, mode, segments per window, steps, start from
+        ("no_memory", "baseline", s1, settings.single_stage_steps, None),
+        ("rmt", "rmt", s1, settings.single_stage_steps, None),
+        ("hmt_stage1", "hmt_stage1", s1, args.stage1_steps, None),
+        ("hmt", "hmt", s2, args.stage2_steps, "hmt_stage1"),
+    ]
+    out = {}
+    for name, mode, segments, steps, start_from in plan:
+        run_dir = work / "runs" / name
+        source, hmt_checkpoint = backbone, None
+        if start_from:
+            source = hmt_checkpoint = runs.final_dir(work / "runs" / start_from)
+        model = hf_model_node(args, mode=mode, segment_length=settings.segment_length[mode],
+                              bptt_depth=segments, lora=args.lora)
+        cfg = {
+            "output_dir": str(run_dir), "seed": args.seed, "device": args.device,
+            "dtype": args.dtype, "model": model,
+            "checkpointer": checkpointer_node(source, run_dir),
+            "hmt_checkpoint": None if hmt_checkpoint is None else str(hmt_checkpoint),
+            "resume_from_checkpoint": False, "tokenizer": tokenizer_node(args),
+            "dataset": {"_component_": "hmt_plugin.data.long_text_dataset",
+                        "source": str(train_dir), "strip_gutenberg": True,
+                        "cache_dir": str(cache), "progress": False},
+            "windows": {"random_offset": True}, "collate_fn": "hmt_plugin.data.segment_collate",
+            "shuffle": True, "batch_size": args.batch_size, "loss_scope": args.loss_scope,
+            "optimizer": {"_component_": "torch.optim.AdamW", "lr": args.lr, "weight_decay": 0.0},
+            "lr_scheduler": runs.cosine_schedule(steps), "epochs": 1,
+            "max_steps_per_epoch": steps, "gradient_accumulation_steps": 1,
+            "clip_grad_norm": 1.0, "compile": False,
+            "enable_activation_checkpointing": args.device == "cuda",
+            "metric_logger": runs.disk_logger(run_dir / "logs"), "log_every_n_steps": 1,
+            "save_every_n_steps": max(1, steps // 4), "keep_last_n_checkpoints": 1,
+        }
+        out[name] = train_one(args, name, run_dir, cfg, cache,
+                              tokens_per_step=args.batch_size * segments * settings.new_tokens,
+                              steps=steps)
+    return out
+
+
+def train_one(args, name: str, run_dir: Path, cfg: Dict[str, Any], cache: Path, *,
+              tokens_per_step: int, steps: int) -> Dict[str, Any]:
+    """One recipe run: reused when finished with the same config, resumed from its newest
+    step checkpoint when interrupted (``--reuse``), else run from the start."""
+    config_path = run_dir.parent / f"{name}.yaml"
+    same = runs.same_config(cfg, config_path)
+    runs.write_config(cfg, config_path)
+    launch = dict(launcher=args.launcher, threads=args.threads, cache_dir=cache)
+    resumed_from, wall = None, None
+    if args.reuse and same and runs.is_finished(run_dir):
+        stderr(f"{name}: reusing {runs.final_dir(run_dir)}")
+    elif args.reuse and same and latest_checkpoint(run_dir) is not None:
+        resumed_from = latest_checkpoint(run_dir)
+        stderr(f"{name}: resuming from {resumed_from}")
+        path = runs.write_config({**cfg, "resume_from_checkpoint": True},
+                                 run_dir.parent / f"{name}.resume.yaml")
+        wall = runs.run_recipe(path, **launch)
+    else:
+        stderr(f"{name}: {steps} steps of {tokens_per_step} tokens")
+        wall = runs.run_recipe(config_path, **launch)
+    return {
+        "config": str(config_path), "steps": steps, "tokens_per_step": tokens_per_step,
+        "train_tokens": steps * tokens_per_step,
+        "wall_s": None if wall is None else round(wall, 1),
+        "resumed_from": None if resumed_from is None else resumed_from.name,
+        "final_metrics": runs.last_metrics(run_dir / "logs"),
+    }
+
+
+# ---------------------------------------------------------------------------- evaluation
+def load_reader_model(args, settings: Settings, work: Path, run: Optional[str], mode: str,
+                      memory_init: Optional[str] = None):
+    """The model a reader reads with: a run's ``final`` weights, or the untuned backbone with
+    fresh HMT parameters. Built in the run's own mode; the caller switches modes."""
+    from omegaconf import OmegaConf
+    from torchtune import training
+
+    from hmt_plugin.eval.model_loading import load_hmt_model
+
+    if run is None:
+        trained_mode = "hmt_stage1" if mode == "hmt_stage1" else "baseline"
+        source, hmt_checkpoint = Path(args.backbone), None
+    else:
+        trained_mode = {"no_memory": "baseline"}.get(run, run)
+        source = hmt_checkpoint = runs.final_dir(work / "runs" / run)
+    node = hf_model_node(args, mode=trained_mode, segment_length=settings.segment_length[trained_mode],
+                         bptt_depth=1, lora=False)
+    if memory_init is not None:
+        node["memory_init"] = memory_init
+    device = torch.device(args.device)
+    dtype = training.get_dtype(args.dtype, device)
+    return load_hmt_model(
+        OmegaConf.create(node), OmegaConf.create(checkpointer_node(source, work / "scratch")),
+        None if hmt_checkpoint is None else str(hmt_checkpoint), device=device, dtype=dtype,
+        seed=args.seed,
+    )
+
+
+def read(args, settings: Settings, work: Path, label: str, run: Optional[str], how: str,
+         pieces: List[List[int]]) -> Tuple[np.ndarray, Dict[int, int], float]:
+    """One reader's ``[pieces, eval_tokens]`` NLL (and its recall distances, seconds)."""
+    import time
+
+    from hmt_plugin.eval.token_nll import hmt_token_nll, window_token_nll
+
+    mode, _, init = how.partition(":")
+    model = load_reader_model(args, settings, work, run, mode, memory_init=init or None)
+    distances: Dict[int, int] = {}
+    t0 = time.perf_counter()
+    if mode in ("pieces", "sliding", "full"):
+        if mode == "pieces":
+            model.set_mode("baseline", keep_tokens_per_segment=True)
+            nll = hmt_token_nll(model, pieces, batch_size=args.eval_batch_size)
+        else:
+            window = settings.eval_tokens if mode == "full" else settings.segment_length["hmt"]
+            stride = settings.eval_tokens if mode == "full" else settings.new_tokens
+            batch = 1 if mode == "full" else 4 * args.eval_batch_size
+            nll = window_token_nll(model.backbone, pieces, window=window, stride=stride,
+                                   batch_size=batch)
+    else:
+        if model.config.mode != mode:
+            model.set_mode(mode, keep_tokens_per_segment=True)
+        assert model.config.tokens_per_segment == settings.new_tokens
+        nll = hmt_token_nll(model, pieces, batch_size=args.eval_batch_size,
+                            recall_distances=distances if mode == "hmt" else None)
+    seconds = time.perf_counter() - t0
+    del model
+    return nll, distances, seconds
+
+
+def evaluate(args, settings: Settings, work: Path, pieces: List[List[int]]) -> Dict[str, Any]:
+    """Every reader, each kept on disk as it finishes (``<work_dir>/eval``)."""
+    out_dir = work / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps(pieces).encode()).hexdigest()[:16]
+    results = {}
+    for label, run, how in READERS:
+        stem = out_dir / label.replace(" ", "_").replace(",", "")
+        meta_path = stem.with_suffix(".json")
+        stamp = {"pieces": key, "run": run, "how": how,
+                 "run_config": _run_stamp(work, run)}
+        if args.reuse and meta_path.is_file() and json.loads(meta_path.read_text())["stamp"] == stamp:
+            meta = json.loads(meta_path.read_text())
+            nll = np.load(stem.with_suffix(".npy"))
+            stderr(f"eval {label}: reusing {stem.with_suffix('.npy')}")
+        else:
+            stderr(f"eval {label}: {len(pieces)} pieces of {settings.eval_tokens} tokens")
+            nll, distances, seconds = read(args, settings, work, label, run, how, pieces)
+            np.save(stem.with_suffix(".npy"), nll)
+            meta = {"stamp": stamp, "recall_distance": {str(k): v for k, v in sorted(distances.items())},
+                    "seconds": round(seconds, 1)}
+            meta_path.write_text(json.dumps(meta))
+        results[label] = (nll, meta)
+    return results
+
+
+def _run_stamp(work: Path, run: Optional[str]) -> Optional[str]:
+    """What identifies a run's weights: its config file's text (None: the untuned backbone)."""
+    if run is None:
+        return None
+    path = work / "runs" / f"{run}.yaml"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
+def summarise(settings: Settings, results: Dict[str, Tuple[np.ndarray, Dict[str, Any]]],
+              bands_at: Sequence[int]) -> Dict[str, Any]:
+    """Band perplexities, whole-piece perplexity, paired differences and the gap closed."""
+    from hmt_plugin.eval.token_nll import band_scores, paired_difference
+
+    block = settings.new_tokens
+    ends = sorted({min(settings.eval_tokens, max(block, t - t % block)) for t in bands_at}
+                  | {settings.eval_tokens})
+    bands = list(zip([1] + ends[:-1], ends))
+    out: Dict[str, Any] = {"bands": bands, "readers": {}}
+    for label, (nll, meta) in results.items():
+        out["readers"][label] = {
+            "bands": [b.to_dict() for b in band_scores(nll, bands, block)],
+            "all": band_scores(nll, [(1, settings.eval_tokens)], block)[0].to_dict(),
+            "recall_distance": meta.get("recall_distance", {}),
+            "seconds": meta.get("seconds"),
+        }
+    pairs = [("no memory", "hmt"), ("sliding window", "hmt"), ("rmt", "hmt"),
+             ("hmt stage 1", "hmt"), ("hmt, recall off", "hmt"), ("no memory", "hmt stage 1"),
+             ("sliding window", "hmt stage 1"), ("no memory", "rmt"),
+             ("no memory (untuned)", "no memory"),
+             ("hmt stage 1, step 0, published init", "hmt stage 1, step 0, mean-embedding init")]
+    out["paired"] = {}
+    for a, b in pairs:
+        if a in results and b in results:
+            d = paired_difference(results[b][0], results[a][0], block)
+            out["paired"][f"{a} minus {b}"] = d
+    r = out["readers"]
+
+    def log_ppl(label):
+        return r[label]["all"]["nll"]
+
+    gaps = {}
+    for top in ("full context (untuned)",):
+        for floor in ("no memory", "no memory (untuned)"):
+            span = log_ppl(floor) - log_ppl(top)
+            if floor in r and span > 0:
+                gaps[f"hmt between {floor} and {top}"] = (log_ppl(floor) - log_ppl("hmt")) / span
+                gaps[f"sliding window between {floor} and {top}"] = (
+                    log_ppl(floor) - log_ppl("sliding window")) / span
+    out["gap_closed"] = gaps
+    return out
+
+
+# ---------------------------------------------------------------------------- the benchmark
+def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    cache = work / "token_cache"
+    settings = Settings(args)
+    train_dir, eval_dir, data = split_books(args, work)
+    pieces, names = eval_pieces(args, settings, eval_dir, cache)
+    data.update(eval_pieces=len(pieces), eval_piece_names=names, eval_tokens=settings.eval_tokens,
+                eval_skip=args.eval_skip, scored_tokens_per_reader=len(pieces) * (settings.eval_tokens - 1))
+    training = train_runs(args, settings, train_dir, work, cache)
+    results = evaluate(args, settings, work, pieces)
+    summary = summarise(settings, results, args.context_lengths)
+    return {
+        "data": data, "runs": training, "eval": summary,
+        "sizes": {"new_tokens_per_segment": settings.new_tokens,
+                  "segment_length_by_mode": settings.segment_length,
+                  "train_tokens_per_arm": settings.train_tokens,
+                  "single_stage_steps": settings.single_stage_steps},
+    }
+
+
+# ---------------------------------------------------------------------------- output
+def _ppl(score: Dict[str, float]) -> str:
+    return f"{score['ppl']:.2f} ± {score['ppl_high'] - score['ppl']:.2f}"
+
+
+def tables(record: Dict[str, Any]) -> str:
+    res = record["results"]
+    ev, data, sizes = res["eval"], res["data"], res["sizes"]
+    readers = ev["readers"]
+    out = [f"## quality on a pretrained backbone\n\n{header(record)}\n",
+           f"Backbone `{record['settings']['backbone']}`; trained on {len(data['train_books'])} "
+           f"books, {sizes['train_tokens_per_arm']:,} tokens per arm; evaluated on "
+           f"{data['eval_pieces']} pieces of {data['eval_tokens']} tokens from "
+           f"{len(data['eval_books'])} held-out books ({', '.join(data['eval_books'])}), the same "
+           f"{data['scored_tokens_per_reader']:,} scored tokens for every reader; "
+           f"{sizes['new_tokens_per_segment']} new tokens per segment in every mode.\n"]
+    head = ["reader"] + [f"tokens {a}-{b}" for a, b in ev["bands"]] + ["all tokens", "s"]
+    rows = [[label] + [_ppl(b) for b in r["bands"]] + [_ppl(r["all"]), r["seconds"]]
+            for label, r in readers.items()]
+    out.append("### Perplexity by position in the piece (± one standard error over segments)\n")
+    out.append(markdown_table(head, rows))
+    out.append("\n### Paired differences (mean NLL of the first minus the second, same tokens)\n")
+    out.append(markdown_table(
+        ["pair", "NLL difference", "s.e.", "PPL ratio"],
+        [[k, round(v["nll_difference"], 4), round(v["nll_difference_se"], 4),
+          round(math.exp(v["nll_difference"]), 4)] for k, v in ev["paired"].items()]))
+    if ev.get("gap_closed"):
+        out.append("\n### Fraction of the log-PPL gap closed\n")
+        out.append(markdown_table(["what", "fraction"],
+                                  [[k, round(v, 3)] for k, v in ev["gap_closed"].items()]))
+    out.append("\n### Training runs\n")
+    out.append(markdown_table(
+        ["run", "steps", "tokens/step", "train tokens", "wall s", "final loss (last 5 logs)"],
+        [[name, r["steps"], r["tokens_per_step"], r["train_tokens"], r["wall_s"],
+          r["final_metrics"].get("loss")] for name, r in res["runs"].items()]))
+    return "\n".join(out)
+
+
+def write_plots(record: Dict[str, Any], out_dir: Path) -> List[Path]:
+    from hmt_plugin.eval.plots import plot_band_ppl, plot_recall_histogram
+
+    ev = record["results"]["eval"]
+    out_dir = Path(out_dir)
+    shown = [l for l in ev["readers"] if "step 0" not in l]
+    written = [
+        plot_band_ppl({l: ev["readers"][l]["bands"] for l in shown},
+                      out_dir / "quality_pretrained_ppl_by_position.png"),
+        plot_recall_histogram({"hmt": ev["readers"].get("hmt", {}).get("recall_distance", {})},
+                              out_dir / "quality_pretrained_recall_distance.png"),
+    ]
+    return [p for p in written if p is not None]
+
+
+# ---------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m hmt_plugin.bench quality --backbone DIR",
+        description="Fine-tune no-memory, RMT and two-stage HMT arms of a pretrained HF "
+                    "backbone the same way and compare them, with a sliding window and full "
+                    "context, on the same tokens of held-out books.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--backbone", required=True, help="a Hugging Face checkpoint directory")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="selects the size preset (cpu: about an hour on 2 cores; cuda: bf16, "
+                        "about 10 minutes on one H100-class GPU)")
+    g = p.add_argument_group("books")
+    g.add_argument("--books", default=str(SHARED_BOOKS), help="split here into train / held out")
+    g.add_argument("--num_eval_books", type=int, default=6)
+    g.add_argument("--num_train_books", type=int, default=None, help="default: all the others")
+    g.add_argument("--split_seed", type=int, default=0)
+    g.add_argument("--train_books", help="a folder of training books (with --eval_books)")
+    g.add_argument("--eval_books", help="a folder of held-out books")
+    g = p.add_argument_group("HMT")
+    g.add_argument("--segment_length", type=int, default=256)
+    g.add_argument("--num_sensory", type=int, default=32)
+    g.add_argument("--cache_size", type=int, default=300)
+    g.add_argument("--memory_init", choices=["mean_embedding", "published"], default="mean_embedding")
+    g.add_argument("--max_seq_len", type=int, default=8192,
+                   help="the backbone's RoPE table; at least the full-context reader's window")
+    g = p.add_argument_group("fine-tuning (one budget of tokens for every arm)")
+    g.add_argument("--lora", action="store_true",
+                   help="LoRA on every projection instead of a full fine-tune")
+    g.add_argument("--lora_rank", type=int, default=16)
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--loss_scope", choices=["all", "last"], default="all")
+    for name in ("batch_size", "stage1_segments", "stage2_segments", "stage1_steps", "stage2_steps"):
+        g.add_argument(f"--{name}", type=int, default=None)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval_segments", type=int, default=None, help="piece length in segments")
+    g.add_argument("--eval_skip", type=int, default=2048, help="tokens skipped into each book")
+    g.add_argument("--pieces_per_book", type=int, default=None)
+    g.add_argument("--eval_batch_size", type=int, default=None)
+    g.add_argument("--context_lengths", type=int, nargs="+", default=[1000, 2000, 4000, 8000],
+                   help="band ends, cut to whole segments")
+    g = p.add_argument_group("run")
+    g.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    g.add_argument("--work_dir", default=None, help="default: outputs/bench/quality-<backbone name>")
+    g.add_argument("--out", default=None, help="JSON result (default: <work_dir>/quality.json)")
+    g.add_argument("--launcher", choices=runs.LAUNCHERS, default="subprocess")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--reuse", action="store_true",
+                   help="keep finished runs and readers whose inputs are unchanged; resume an "
+                        "interrupted run from its newest step checkpoint")
+    g.add_argument("--quick", action="store_true", help="tiny sizes, a few steps: a smoke run")
+    return p
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    explicit = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
+    preset = PRESETS["quick" if args.quick else args.device]
+    for key, value in preset.items():
+        if key not in explicit:
+            setattr(args, key, value)
+    args.backbone = str(Path(args.backbone).expanduser())
+    if not (Path(args.backbone) / "config.json").is_file():
+        parser.error(f"--backbone {args.backbone} holds no config.json: point it at a Hugging Face "
+                     "checkpoint directory (e.g. the one ../shared/tools/smollm2_135m.sh prints).")
+    if args.work_dir is None:
+        args.work_dir = f"outputs/bench/quality-{Path(args.backbone).name}"
+    if args.out is None:
+        args.out = str(Path(args.work_dir) / "quality.json")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse(argv)
+    run = BenchRun("quality-pretrained", argv)
+    results = run_benchmark(args)
+    record = run.record(settings=vars(args), results=results,
+                        machine=machine_info(args.device, args.dtype))
+    path = write_json(args.out, record)
+    print(tables(record))
+    print(f"\nWrote {path}")
+    for png in write_plots(record, Path(args.out).parent):
+        print(f"Wrote {png}")
+    return record
