@@ -69,12 +69,14 @@ QUICK = dict(vocab_size=256, num_layers=2, num_heads=4, num_kv_heads=2, embed_di
              intermediate_dim=128, segment_length=32, num_sensory=4, cache_size=4,
              depths=[3], eval_segments=3, repeats=1, threads=1)
 
-# This project's training variants: name -> batch_loss options.
+# This project's training variants: name -> batch_loss options. ``project`` is a recipe step
+# with the default config that is not logged (or any step with ``log_all_segments: false``);
+# ``project_logged`` a logged one, which also computes the earlier segments' NLL for
+# ``ppl_all_segments``; ``project_checkpointed`` adds ``segment_checkpointing: true``.
 PROJECT_VARIANTS: Dict[str, Dict[str, bool]] = {
-    "project": {},
-    "project_lean_logs": {"log_all_segments": False},
-    "project_checkpointed": {"checkpoint_segments": True},
-    "project_lean_checkpointed": {"log_all_segments": False, "checkpoint_segments": True},
+    "project": {"log_all_segments": False},
+    "project_logged": {"log_all_segments": True},
+    "project_checkpointed": {"log_all_segments": False, "checkpoint_segments": True},
 }
 
 

@@ -21,7 +21,7 @@ from hmt_plugin.modules.backbone import (
 from hmt_plugin.modules.hmt_config import HMTConfig, HMTConfigError
 from hmt_plugin.modules.layout import ragged_layout
 from hmt_plugin.modules.recall import MemoryRecall
-from hmt_plugin.modules.segment_checkpoint import maybe_checkpoint
+from hmt_plugin.modules.segment_checkpoint import maybe_checkpoint, maybe_checkpoint_rows
 from hmt_plugin.modules.state import HMTState
 
 LogitsPolicy = Union[str, int]
@@ -553,8 +553,8 @@ class _Reader:
         x = torch.cat([probe, embed_tokens(self.decoder, ids), probe], dim=1)
         counts = [[m, min(h, self.seg_lens[n][row]), m] for row in range(b) for n in range(skip, s)]
         attn_mask, positions = ragged_layout(counts, [m, h, m], self.device)
-        hidden = maybe_checkpoint(
-            self.checkpoint, run_layers, self.decoder, x, mask=attn_mask, input_pos=positions
+        hidden = maybe_checkpoint_rows(
+            self.checkpoint, b, run_layers, self.decoder, x, mask=attn_mask, input_pos=positions
         )
         out = self.decoder.norm(hidden[:, hidden.shape[1] - m :]).view(b, read, m, -1)
         return torch.cat([zeros.to(out.dtype), out], dim=1) if skip else out
