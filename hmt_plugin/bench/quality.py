@@ -74,7 +74,7 @@ DIMS = ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "i
 def split_books(args: argparse.Namespace, work: Path) -> Tuple[Path, Path, Dict[str, Any]]:
     """The training and held-out folders: given, or a seeded split of ``--books`` into two
     folders of symlinks under ``work/data``. Overlap between them is refused."""
-    if args.books:
+    if args.books and not (args.train_books or args.eval_books):
         source = Path(args.books).expanduser()
         if not source.is_dir():
             raise SystemExit(f"--books {source} is not a directory of .txt books.")
@@ -288,7 +288,7 @@ def run_quality(args: argparse.Namespace) -> Dict[str, Any]:
         steps=sched, total_steps=steps, batch_size=args.pretrain_batch_size, lr=args.pretrain_lr,
         loss_scope="all", windows={"segments_per_window": 1, "random_offset": True},
     )
-    results["runs"]["pretrain"] = _train(args, "pretrain", pre_dir, cfg, launch, steps, per_step,
+    results["runs"]["pretrain"] = train_run(args, "pretrain", pre_dir, cfg, launch, steps, per_step,
                                          tokens_per_step=args.pretrain_batch_size * S)
 
     # ---- 4. fine-tuning at one segment length, equal step budgets
@@ -330,7 +330,7 @@ def run_quality(args: argparse.Namespace) -> Dict[str, Any]:
             total_steps=n_steps, batch_size=args.finetune_batch_size, lr=args.finetune_lr,
             loss_scope=args.loss_scope, windows={"random_offset": True},
         )
-        results["runs"][name] = _train(args, name, run_dir, cfg, launch, n_steps, None,
+        results["runs"][name] = train_run(args, name, run_dir, cfg, launch, n_steps, None,
                                        tokens_per_step=args.finetune_batch_size * args.bptt_depth * tps)
     results["runs"]["finetune_seconds_per_step_hmt_measured"] = round(ft_per_step, 4)
 
@@ -380,7 +380,7 @@ def _tokens_per_segment(model_node: Dict[str, Any]) -> int:
     return HMTConfig(**{k: model_node[k] for k in keys}).tokens_per_segment
 
 
-def _train(args, name, run_dir, cfg, launch, steps, per_step, tokens_per_step) -> Dict[str, Any]:
+def train_run(args, name, run_dir, cfg, launch, steps, per_step, tokens_per_step) -> Dict[str, Any]:
     config_path = run_dir.parent / f"{name}.yaml"
     same = runs.same_config(cfg, config_path)
     runs.write_config(cfg, config_path)

@@ -38,7 +38,6 @@ import argparse
 import hashlib
 import json
 import math
-import random
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -55,7 +54,7 @@ from hmt_plugin.bench.report import (
     stderr,
     write_json,
 )
-from hmt_plugin.training.checkpoints import latest_checkpoint
+from hmt_plugin.bench.quality import split_books, train_run
 
 SHARED_BOOKS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gutenberg"
 
@@ -148,49 +147,6 @@ def tokenizer_node(args) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- books
-def split_books(args, work: Path) -> Tuple[Path, Path, Dict[str, Any]]:
-    """Training and held-out folders: given, or a seeded split of ``--books`` (symlinks)."""
-    if args.train_books or args.eval_books:
-        if not (args.train_books and args.eval_books):
-            raise SystemExit("give both --train_books and --eval_books, or neither (split --books).")
-        train_dir, eval_dir = Path(args.train_books).expanduser(), Path(args.eval_books).expanduser()
-        for flag, folder in (("--train_books", train_dir), ("--eval_books", eval_dir)):
-            if not folder.is_dir():
-                raise SystemExit(f"{flag} {folder} is not a directory of .txt books.")
-    else:
-        source = Path(args.books).expanduser()
-        if not source.is_dir():
-            raise SystemExit(f"--books {source} is not a directory of .txt books; give --books, "
-                             "or --train_books and --eval_books.")
-        files = sorted(p for p in source.glob("*.txt") if p.is_file())
-        need = args.num_eval_books + (args.num_train_books or 1)
-        if len(files) < need:
-            raise SystemExit(f"--books {source} holds {len(files)} .txt files; need {need}.")
-        order = list(files)
-        random.Random(args.split_seed).shuffle(order)
-        held_out, rest = sorted(order[: args.num_eval_books]), order[args.num_eval_books :]
-        train = sorted(rest[: args.num_train_books] if args.num_train_books else rest)
-        train_dir, eval_dir = work / "data" / "train", work / "data" / "eval"
-        for folder, chosen in ((train_dir, train), (eval_dir, held_out)):
-            folder.mkdir(parents=True, exist_ok=True)
-            for old in folder.iterdir():
-                old.unlink()
-            for f in chosen:
-                (folder / f.name).symlink_to(f.resolve())
-    train_files, eval_files = sorted(train_dir.rglob("*.txt")), sorted(eval_dir.rglob("*.txt"))
-    if not train_files or not eval_files:
-        raise SystemExit(f"no .txt files in {train_dir if not train_files else eval_dir}.")
-    same = ({f.resolve() for f in train_files} & {f.resolve() for f in eval_files}) or (
-        {f.name for f in train_files} & {f.name for f in eval_files})
-    if same:
-        raise SystemExit(f"held-out books are also training books: {sorted(map(str, same))}")
-    return train_dir, eval_dir, {
-        "train_dir": str(train_dir), "eval_dir": str(eval_dir),
-        "train_books": [f.name for f in train_files], "eval_books": [f.name for f in eval_files],
-        "split_seed": None if args.train_books else args.split_seed,
-    }
-
-
 def eval_pieces(args, settings: Settings, eval_dir: Path, cache: Path) -> Tuple[List[List[int]], List[str]]:
     """Pieces of ``eval_tokens`` tokens, ``pieces_per_book`` per book, starting ``eval_skip``
     tokens in (past the title pages); a book too short for one piece is left out and named."""
@@ -258,39 +214,11 @@ def train_runs(args, settings: Settings, train_dir: Path, work: Path, cache: Pat
             "metric_logger": runs.disk_logger(run_dir / "logs"), "log_every_n_steps": 1,
             "save_every_n_steps": max(1, steps // 4), "keep_last_n_checkpoints": 1,
         }
-        out[name] = train_one(args, name, run_dir, cfg, cache,
-                              tokens_per_step=args.batch_size * segments * settings.new_tokens,
-                              steps=steps)
+        tokens_per_step = args.batch_size * segments * settings.new_tokens
+        launch = dict(launcher=args.launcher, threads=args.threads, cache_dir=cache)
+        out[name] = train_run(args, name, run_dir, cfg, launch, steps, None, tokens_per_step)
+        out[name]["train_tokens"] = steps * tokens_per_step
     return out
-
-
-def train_one(args, name: str, run_dir: Path, cfg: Dict[str, Any], cache: Path, *,
-              tokens_per_step: int, steps: int) -> Dict[str, Any]:
-    """One recipe run: reused when finished with the same config, resumed from its newest
-    step checkpoint when interrupted (``--reuse``), else run from the start."""
-    config_path = run_dir.parent / f"{name}.yaml"
-    same = runs.same_config(cfg, config_path)
-    runs.write_config(cfg, config_path)
-    launch = dict(launcher=args.launcher, threads=args.threads, cache_dir=cache)
-    resumed_from, wall = None, None
-    if args.reuse and same and runs.is_finished(run_dir):
-        stderr(f"{name}: reusing {runs.final_dir(run_dir)}")
-    elif args.reuse and same and latest_checkpoint(run_dir) is not None:
-        resumed_from = latest_checkpoint(run_dir)
-        stderr(f"{name}: resuming from {resumed_from}")
-        path = runs.write_config({**cfg, "resume_from_checkpoint": True},
-                                 run_dir.parent / f"{name}.resume.yaml")
-        wall = runs.run_recipe(path, **launch)
-    else:
-        stderr(f"{name}: {steps} steps of {tokens_per_step} tokens")
-        wall = runs.run_recipe(config_path, **launch)
-    return {
-        "config": str(config_path), "steps": steps, "tokens_per_step": tokens_per_step,
-        "train_tokens": steps * tokens_per_step,
-        "wall_s": None if wall is None else round(wall, 1),
-        "resumed_from": None if resumed_from is None else resumed_from.name,
-        "final_metrics": runs.last_metrics(run_dir / "logs"),
-    }
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -573,6 +501,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     for key, value in preset.items():
         if key not in explicit:
             setattr(args, key, value)
+    if args.train_books or args.eval_books:
+        args.books = None  # two folders given: no split
     args.backbone = str(Path(args.backbone).expanduser())
     if not (Path(args.backbone) / "config.json").is_file():
         parser.error(f"--backbone {args.backbone} holds no config.json: point it at a Hugging Face "
