@@ -242,8 +242,9 @@ class HMT(nn.Module):
                 is returned as zeros).
             checkpoint_segments (bool): recompute each backbone call in backward instead of
                 keeping its activations (see :mod:`hmt_plugin.modules.segment_checkpoint`):
-                activation memory stops growing with the window's depth, for about one more
-                forward per segment. Same loss and gradients.
+                activation memory grows by a few vectors per segment instead of every
+                layer's activations, for one more forward per segment. Same loss and
+                gradients.
 
         Returns:
             HMTOutput
