@@ -69,3 +69,18 @@ def test_band_scores_and_paired_difference():
         band_scores(nll, [(0, 1)], block=3)
     with pytest.raises(ValueError, match="equal-length"):
         window_token_nll(None, [[1, 2, 3], [1, 2]], window=4, stride=2)
+
+
+def test_memory_not_carried_reads_each_segment_as_a_first_one(pieces):
+    model = _model("rmt", segment_length=22)
+    n = model.config.tokens_per_segment
+    replaced = hmt_token_nll(model, pieces, carry_memory=False)
+    carried = hmt_token_nll(model, pieces)
+    assert not np.allclose(replaced[:, n + 1 :], carried[:, n + 1 :])
+    for s in range(1, 60 // n):
+        # [initial memory; segment s; initial memory], as a fresh document's first segment
+        # (its first token is predicted by the previous segment's last one, so it is left out).
+        alone = hmt_token_nll(model, [p[s * n : (s + 1) * n] for p in pieces])
+        np.testing.assert_allclose(replaced[:, s * n + 1 : (s + 1) * n], alone[:, 1:], atol=1e-5)
+    with pytest.raises(ValueError, match="carried-memory mode"):
+        hmt_token_nll(_model("hmt", segment_length=24, num_sensory=4), pieces, carry_memory=False)

@@ -6,6 +6,8 @@ its tables.
     quality     pretrain a small Llama on books, fine-tune baseline / rmt / hmt, PPL by length;
                 with --backbone DIR: a pretrained HF backbone (e.g. SmolLM2-135M), no pretraining,
                 against no memory, a sliding window and full context on the same held-out tokens
+    memory-diagnostic  what the carried memory is worth in a finished `quality --backbone` run,
+                on its training books
     recall      synthetic long-range recall accuracy by distance, baseline / rmt / hmt
     quantized   full precision vs weight-only quantized HMT evaluation (tokens/s, memory)
     vs-published  this project against the published HMT code, same weights, interleaved
@@ -24,6 +26,7 @@ COMMANDS = {
     "speed": ("hmt_plugin.bench.speed", "main"),
     "speed-gpu": ("hmt_plugin.bench.speed", "main_gpu"),
     "quality": ("hmt_plugin.bench.quality", "main"),
+    "memory-diagnostic": ("hmt_plugin.bench.memory_diagnostic", "main"),
     "recall": ("hmt_plugin.bench.recall", "main"),
     "quantized": ("hmt_plugin.bench.quantized", "main"),
     "vs-published": ("hmt_plugin.bench.vs_published", "main"),

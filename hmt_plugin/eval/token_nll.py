@@ -47,6 +47,7 @@ def hmt_token_nll(
     chunk_segments: int = 16,
     device: Optional[torch.device] = None,
     recall_distances: Optional[Dict[int, int]] = None,
+    carry_memory: bool = True,
 ) -> np.ndarray:
     """``[pieces, length]`` NLL of each token under ``model`` in its current mode.
 
@@ -56,10 +57,22 @@ def hmt_token_nll(
     Args:
         recall_distances: if given (``hmt`` mode), counts of how many segments back each
             segment's strongest recall looked are added to it (``-1``: nothing to recall).
+        carry_memory: False is a diagnostic for the carried-memory modes (``rmt``,
+            ``hmt_stage1``): every segment gets the learned first-segment memory
+            (``initial_memory``) instead of the memory the previous segment wrote, so the
+            reader keeps its sensory tokens and its layout but carries nothing. Reads one
+            segment per call.
     """
     tokens = _stack(pieces)
     device = device or next(model.parameters()).device
     n, length = tokens.shape
+    if not carry_memory:
+        if model.config.mode not in ("rmt", "hmt_stage1"):
+            raise ValueError(
+                f"carry_memory=False needs a carried-memory mode (rmt, hmt_stage1); the model "
+                f"reads in {model.config.mode!r}."
+            )
+        chunk_segments = 1
     step = chunk_segments * model.config.tokens_per_segment
     out = np.empty((n, length), dtype=np.float64)
     was_training = model.training
@@ -73,6 +86,8 @@ def hmt_token_nll(
                 chunk = rows[:, start : start + step]
                 result = model(chunk, labels=chunk, state=state, logits="none")
                 state = result.state
+                if not carry_memory:
+                    state.memory = model.initial_memory.to(state.memory).expand_as(state.memory)
                 parts.append(result.nll.float())
                 if recall_distances is not None and result.recall_scores is not None:
                     distances.append(result.recall_distance(model.config.num_memory_tokens).flatten())

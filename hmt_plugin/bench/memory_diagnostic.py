@@ -1,0 +1,78 @@
+"""What the carried memory is worth in the models a ``quality --backbone`` run trained, read on
+pieces of its *training* books (never the held-out ones the benchmark reports on):
+
+    python -m hmt_plugin.bench memory-diagnostic --work_dir outputs/bench/quality-smollm2-135m
+
+For the stage-1 and stage-2 models (the latter with recall off) and the untuned backbone in
+``hmt_stage1`` mode, each read twice on the same tokens: as trained, and with every segment
+given the learned first-segment memory instead of the memory its predecessor wrote
+(``carry_memory=False``: the same sensory tokens and layout, nothing carried). The sliding
+window of the no-memory arm is read beside them. A carried memory that helps makes the first
+reading better than the second.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
+
+from hmt_plugin.bench import quality_pretrained as qp
+from hmt_plugin.bench.report import BenchRun, machine_info, markdown_table, stderr, write_json
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    from hmt_plugin.eval.token_nll import band_scores, hmt_token_nll, paired_difference, window_token_nll
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m hmt_plugin.bench memory-diagnostic")
+    p.add_argument("--work_dir", required=True, help="a finished `quality --backbone` work dir")
+    p.add_argument("--pieces", type=int, default=4, help="training books read, one piece each")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    work = Path(args.work_dir)
+    record = json.loads((work / "quality.json").read_text())
+    bench = argparse.Namespace(**record["settings"])
+    bench.reuse, bench.work_dir = True, str(work)
+    settings = qp.Settings(bench)
+    train_dir = Path(record["results"]["data"]["train_dir"])
+    pieces, names = qp.eval_pieces(bench, settings, train_dir, work / "token_cache")
+    pieces = pieces[: args.pieces]
+    block = settings.new_tokens
+    readers = [
+        ("untuned, hmt_stage1", None, "hmt_stage1"),
+        ("hmt stage 1", "hmt_stage1", "hmt_stage1"),
+        ("hmt, recall off", "hmt", "hmt_stage1"),
+    ]
+    results, rows = {}, []
+    for label, run, mode in readers:
+        model = qp.load_reader_model(bench, settings, work, run, mode)
+        if model.config.mode != mode:
+            model.set_mode(mode, keep_tokens_per_segment=True)
+        stderr(f"reading {label} with and without the carried memory")
+        carried = hmt_token_nll(model, pieces, batch_size=bench.eval_batch_size)
+        replaced = hmt_token_nll(model, pieces, batch_size=bench.eval_batch_size, carry_memory=False)
+        diff = paired_difference(carried, replaced, block)
+        results[label] = {
+            "carried": band_scores(carried, [(1, settings.eval_tokens)], block)[0].to_dict(),
+            "not_carried": band_scores(replaced, [(1, settings.eval_tokens)], block)[0].to_dict(),
+            "not_carried_minus_carried": diff,
+        }
+        rows.append([label, results[label]["carried"]["ppl"], results[label]["not_carried"]["ppl"],
+                     round(diff["nll_difference"], 4), round(diff["nll_difference_se"], 4)])
+    model = qp.load_reader_model(bench, settings, work, "no_memory", "baseline")
+    sliding = window_token_nll(model.backbone, pieces, window=settings.segment_length["hmt"],
+                               stride=settings.new_tokens, batch_size=4 * bench.eval_batch_size)
+    results["sliding window (no-memory arm)"] = band_scores(sliding, [(1, settings.eval_tokens)], block)[0].to_dict()
+    rows.append(["sliding window (no-memory arm)", results["sliding window (no-memory arm)"]["ppl"],
+                 None, None, None])
+    run = BenchRun("memory-diagnostic", argv)
+    out = run.record(settings={**vars(args), "pieces_from": names[: args.pieces]},
+                     results=results, machine=machine_info(bench.device, bench.dtype))
+    path = write_json(args.out or work / "memory_diagnostic.json", out)
+    print(markdown_table(["reader (training-book pieces)", "PPL, memory carried",
+                          "PPL, memory not carried", "NLL not carried - carried", "s.e."], rows))
+    print(f"\nWrote {path}")
+    return out
