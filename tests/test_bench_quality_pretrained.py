@@ -41,6 +41,7 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
         torch.set_num_threads(threads)
     res = record["results"]
     assert record["benchmark"] == "quality-pretrained"
+    assert record["command"].startswith("python -m hmt_plugin.bench quality --backbone")
     assert set(res["data"]["train_books"]).isdisjoint(res["data"]["eval_books"])
     assert len(res["data"]["eval_books"]) == 2
 

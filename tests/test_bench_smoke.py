@@ -94,8 +94,8 @@ def test_quality_budget_is_kept_under_reuse(tmp_path):
 
 def test_quality_runs_end_to_end_and_scores_full_segments(tmp_path):
     """The quality benchmark at --quick sizes on books the test writes: every reader gets a
-    score per T, each mode scores a full last segment of its own (T cut to whole segments),
-    and the tables and plots are written."""
+    score per T, every mode reads HMT's new tokens per segment and scores a full last segment
+    (T cut to whole segments), and the tables and plots are written."""
     import random
 
     from hmt_plugin.bench import quality
@@ -115,11 +115,12 @@ def test_quality_runs_end_to_end_and_scores_full_segments(tmp_path):
     res, settings = record["results"], record["settings"]
     assert set(res["eval"]) == {"pretrained backbone (no memory)", "baseline", "rmt",
                                 "hmt stage 1", "hmt", "hmt without recall"}
-    modes = {"pretrained backbone (no memory)": "baseline", "baseline": "baseline", "rmt": "rmt",
-             "hmt stage 1": "hmt_stage1", "hmt": "hmt", "hmt without recall": "hmt_stage1"}
-    for label, mode in modes.items():
-        tps = HMTConfig(segment_length=settings["segment_length"], mode=mode,
-                        num_sensory=settings["num_sensory"]).tokens_per_segment
+    # Every mode reads HMT's new tokens per segment, so every reader reads the same T.
+    tps = HMTConfig(segment_length=settings["segment_length"], mode="hmt",
+                    num_sensory=settings["num_sensory"]).tokens_per_segment
+    reads = {tuple(res["context_lengths_read"][label]) for label in res["eval"]}
+    assert len(reads) == 1
+    for label in res["eval"]:
         read = res["context_lengths_read"][label]
         assert len(read) == len(res["context_lengths"])
         assert all(t % tps == 0 and abs(t - n) < tps for t, n in zip(read, res["context_lengths"]))

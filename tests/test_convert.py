@@ -118,7 +118,8 @@ def test_from_reference_layout(tmp_path, config_path):
     sd, config, meta = load_hmt_checkpoint(out)
     # bf16 recall weights: the stock published code's, so its recall precision too.
     assert config == HMTConfig(segment_length=16, num_sensory=2, recall_hidden_dim=24, cache_size=3,
-                               bptt_depth=2, mode="hmt", score_scale="published", recall_dtype="bfloat16")
+                               bptt_depth=2, mode="hmt", score_scale="published", recall_dtype="bfloat16",
+                               memory_init="published")
     assert any("recall_dtype: bfloat16" in n for n in result.notes)
     assert sd["recall.q_proj.weight"].dtype == torch.bfloat16  # kept as written
     assert torch.equal(sd["summary_token"], original["mem"])

@@ -68,4 +68,5 @@ def test_published_hyperparameter_names_in_one_place():
     assert (cfg.segment_length, cfg.num_sensory, cfg.recall_hidden_dim, cfg.cache_size) == (32, 4, 48, 3)
     assert (cfg.mode, cfg.bptt_depth, cfg.score_scale, cfg.tokens_per_segment) == ("hmt", 6, "published", 26)
     assert hmt_config_from_published({"segment_length": 32, "hmt_stage_1": True}).mode == "hmt_stage1"
+    assert hmt_config_from_published({"segment_length": 32}).memory_init == "published"
     assert hmt_config_from_published({"segment_length": 32, "rmt_only": True}).mode == "rmt"

@@ -293,6 +293,9 @@ def run_quality(args: argparse.Namespace) -> Dict[str, Any]:
 
     # ---- 4. fine-tuning at one segment length, equal step budgets
     L = args.segment_length
+    # Every mode reads HMT's new tokens per segment (in a shorter backbone call without
+    # sensory tokens or memory), so the models differ only in memory.
+    seg = {mode: _equal_segment_length(args, mode) for mode in ("baseline", "rmt", "hmt_stage1", "hmt")}
     from_pretrained = {
         "_component_": "torchtune.training.FullModelHFCheckpointer",
         "checkpoint_dir": str(runs.final_dir(pre_dir)), "checkpoint_files": [runs.FINAL_WEIGHTS],
@@ -314,7 +317,8 @@ def run_quality(args: argparse.Namespace) -> Dict[str, Any]:
     ]
     for name, mode, n_steps, start_from in plan:
         run_dir = work / "runs" / name
-        model = model_node(args, mode=mode, segment_length=L, max_seq_len=S, bptt_depth=args.bptt_depth)
+        model = model_node(args, mode=mode, segment_length=seg[mode], max_seq_len=S,
+                           bptt_depth=args.bptt_depth)
         tps = _tokens_per_segment(model)
         n_windows = len(SegmentWindows(train_docs, tokens_per_segment=tps,
                                        segments_per_window=args.bptt_depth))
@@ -342,7 +346,8 @@ def run_quality(args: argparse.Namespace) -> Dict[str, Any]:
     ts = [t for t in args.context_lengths if t <= max(len(p) for p in pieces)]
     readers = [
         # label, run, mode to read in, settings to build with
-        ("pretrained backbone (no memory)", "pretrain", "baseline", dict(mode="baseline", segment_length=L)),
+        ("pretrained backbone (no memory)", "pretrain", "baseline",
+         dict(mode="baseline", segment_length=seg["baseline"])),
         ("baseline", "baseline", "baseline", None),
         ("rmt", "rmt", "rmt", None),
         ("hmt stage 1", "hmt_stage1", "hmt_stage1", None),
@@ -370,6 +375,14 @@ def run_quality(args: argparse.Namespace) -> Dict[str, Any]:
     results["context_lengths"] = ts
     results["context_lengths_read"] = {label: list(m.values()) for label, m in read_at.items()}
     return results
+
+
+def _equal_segment_length(args, mode: str) -> int:
+    """``segment_length`` at which ``mode`` reads as many new tokens per segment as HMT."""
+    from hmt_plugin.modules.hmt_config import HMTConfig
+
+    hmt = HMTConfig(mode="hmt", segment_length=args.segment_length, num_sensory=args.num_sensory)
+    return hmt.with_mode(mode, keep_tokens_per_segment=True).segment_length
 
 
 def _tokens_per_segment(model_node: Dict[str, Any]) -> int:

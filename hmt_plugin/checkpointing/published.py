@@ -74,7 +74,11 @@ def hmt_config_from_published(args: Mapping[str, Any], **overrides: Any) -> HMTC
     places sensory tokens. Our ``rmt`` and ``baseline`` leave no room for them, so an
     ``--rmt_only`` / ``--baseline_only`` run maps to ``segment_length - num_sensory``: the
     same new tokens per segment, and the backbone call the published code makes."""
-    values: Dict[str, Any] = {"mode": published_mode(args), "score_scale": "published"}
+    # The published initialisation too: a model built from these settings and trained further
+    # without the converted weights starts its memory as the published code would.
+    values: Dict[str, Any] = {
+        "mode": published_mode(args), "score_scale": "published", "memory_init": "published",
+    }
     given = {**PUBLISHED_DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
     for theirs, ours in PUBLISHED_HPARAMS.items():
         if given.get(theirs) is not None:
