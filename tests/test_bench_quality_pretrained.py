@@ -81,6 +81,19 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     assert (work / "quality_pretrained_recall_distance.png").stat().st_size > 0
     assert json.loads((work / "quality.json").read_text())["results"]["eval"]["bands"]
 
+    # The carried-memory diagnostic reads the trained models on training-book pieces.
+    from hmt_plugin.bench import memory_diagnostic
+
+    diag = memory_diagnostic.main(["--work_dir", str(work), "--pieces", "2"])
+    torch.set_num_threads(threads)
+    # Training books only: the held-out ones stay for the benchmark's report.
+    assert diag["settings"]["books"] == res["data"]["train_dir"] != res["data"]["eval_dir"]
+    assert len(diag["settings"]["pieces_from"]) == 2
+    for label in ("untuned, hmt_stage1", "hmt stage 1", "hmt, recall off"):
+        r = diag["results"][label]
+        assert r["carried"]["tokens"] == r["not_carried"]["tokens"] > 0
+        assert r["memory_norm_median"] > 0 and r["embedding_norm_median"] > 0
+
     # --reuse: nothing is trained or read again, and the figures are the same.
     again = quality.main([
         "--backbone", str(backbone), "--books", str(books), "--quick", "--launcher",

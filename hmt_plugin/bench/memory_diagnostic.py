@@ -7,7 +7,8 @@ For the stage-1 and stage-2 models (the latter with recall off) and the untuned 
 ``hmt_stage1`` mode, each read twice on the same tokens: as trained, and with every segment
 given the learned first-segment memory instead of the memory its predecessor wrote
 (``carry_memory=False``: the same sensory tokens and layout, nothing carried). The sliding
-window of the no-memory arm is read beside them. A carried memory that helps makes the first
+window of the no-memory arm is read beside them, and the norm of the memories each model
+writes beside that of the token embeddings. A carried memory that helps makes the first
 reading better than the second.
 """
 
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-import numpy as np
+import torch
 
 from hmt_plugin.bench import quality_pretrained as qp
 from hmt_plugin.bench.report import BenchRun, machine_info, markdown_table, stderr, write_json
@@ -55,24 +56,37 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         carried = hmt_token_nll(model, pieces, batch_size=bench.eval_batch_size)
         replaced = hmt_token_nll(model, pieces, batch_size=bench.eval_batch_size, carry_memory=False)
         diff = paired_difference(carried, replaced, block)
+        with torch.inference_mode():
+            written = model(torch.tensor(pieces[:2]), logits="none").memories
+        embeddings = model.backbone.tok_embeddings.weight.detach().float()
         results[label] = {
+            # What the next segment gets at position 0, against what it was pretrained on.
+            "memory_norm_median": written.float().norm(dim=-1).median().item(),
+            "embedding_norm_median": embeddings.norm(dim=-1).median().item(),
+            "initial_memory_norm": model.initial_memory.detach().float().norm(dim=-1).max().item(),
             "carried": band_scores(carried, [(1, settings.eval_tokens)], block)[0].to_dict(),
             "not_carried": band_scores(replaced, [(1, settings.eval_tokens)], block)[0].to_dict(),
             "not_carried_minus_carried": diff,
         }
-        rows.append([label, results[label]["carried"]["ppl"], results[label]["not_carried"]["ppl"],
-                     round(diff["nll_difference"], 4), round(diff["nll_difference_se"], 4)])
+        r = results[label]
+        rows.append([label, r["carried"]["ppl"], r["not_carried"]["ppl"],
+                     round(diff["nll_difference"], 4), round(diff["nll_difference_se"], 4),
+                     round(r["memory_norm_median"], 2), round(r["embedding_norm_median"], 2),
+                     round(r["initial_memory_norm"], 2)])
     model = qp.load_reader_model(bench, settings, work, "no_memory", "baseline")
     sliding = window_token_nll(model.backbone, pieces, window=settings.segment_length["hmt"],
                                stride=settings.new_tokens, batch_size=4 * bench.eval_batch_size)
     results["sliding window (no-memory arm)"] = band_scores(sliding, [(1, settings.eval_tokens)], block)[0].to_dict()
     rows.append(["sliding window (no-memory arm)", results["sliding window (no-memory arm)"]["ppl"],
-                 None, None, None])
+                 None, None, None, None, None, None])
     run = BenchRun("memory-diagnostic", argv)
-    out = run.record(settings={**vars(args), "pieces_from": names[: args.pieces]},
+    out = run.record(settings={**vars(args), "books": str(train_dir),
+                               "pieces_from": names[: args.pieces]},
                      results=results, machine=machine_info(bench.device, bench.dtype))
     path = write_json(args.out or work / "memory_diagnostic.json", out)
     print(markdown_table(["reader (training-book pieces)", "PPL, memory carried",
-                          "PPL, memory not carried", "NLL not carried - carried", "s.e."], rows))
+                          "PPL, memory not carried", "NLL not carried - carried", "s.e.",
+                          "written memory norm (median)", "embedding norm (median)",
+                          "first memory norm"], rows))
     print(f"\nWrote {path}")
     return out
