@@ -96,9 +96,6 @@ class TensorSource:
     def __len__(self) -> int:
         return len(self._where)
 
-    def file_of(self, key: str) -> Path:
-        return self._where[key]
-
     def shape(self, key: str) -> Tuple[int, ...]:
         path = self._where[key]
         if path in self._safetensors:

@@ -199,10 +199,6 @@ class HMT(nn.Module):
             )
         self.config = new
 
-    def set_num_output_chunks(self, num_output_chunks: int) -> None:
-        """Accepted for torchtune recipe compatibility; HMT computes its cross-entropy per
-        segment on the positions that need it, so chunked output is never used."""
-
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -264,7 +260,7 @@ class HMT(nn.Module):
             raise ValueError(
                 f"tokens must be integer token ids (torch.long); got dtype {tokens.dtype}."
             )
-        batch, width = tokens.shape
+        batch = tokens.shape[0]
         if labels is not None and labels.shape != tokens.shape:
             raise ValueError(
                 f"labels shape {tuple(labels.shape)} differs from tokens {tuple(tokens.shape)}; "

@@ -3,7 +3,6 @@ the data pipeline (which needs the number of new tokens per segment) and the
 checkpoint files (which store it as JSON beside the weights)."""
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -183,9 +182,6 @@ class HMTConfig:
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "HMTConfig":
