@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from hmt_plugin.bench import quality, quality_pretrained
 from tests.assets import TEXT, write_hf_tokenizer
@@ -30,15 +29,11 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     write_hf_tokenizer(backbone, bos_in_template=False)
     books = _books(tmp_path / "books", 5, 700)
     work = tmp_path / "work"
-    threads = torch.get_num_threads()
-    try:
-        # Through the `quality` entry point, as a user calls it.
-        record = quality.main([
-            "--backbone", str(backbone), "--books", str(books), "--quick", "--launcher",
-            "inprocess", "--threads", "1", "--work_dir", str(work), "--max_seq_len", "512",
-        ])
-    finally:
-        torch.set_num_threads(threads)
+    # Through the `quality` entry point, as a user calls it (conftest restores the threads).
+    record = quality.main([
+        "--backbone", str(backbone), "--books", str(books), "--quick", "--launcher",
+        "inprocess", "--threads", "1", "--work_dir", str(work), "--max_seq_len", "512",
+    ])
     res = record["results"]
     assert record["benchmark"] == "quality-pretrained"
     assert record["command"].startswith("python -m hmt_plugin.bench quality --backbone")
@@ -85,7 +80,6 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     from hmt_plugin.bench import memory_diagnostic
 
     diag = memory_diagnostic.main(["--work_dir", str(work), "--pieces", "2"])
-    torch.set_num_threads(threads)
     # Training books only: the held-out ones stay for the benchmark's report.
     assert diag["settings"]["books"] == res["data"]["train_dir"] != res["data"]["eval_dir"]
     assert len(diag["settings"]["pieces_from"]) == 2
@@ -99,7 +93,6 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
         "--backbone", str(backbone), "--books", str(books), "--quick", "--launcher",
         "inprocess", "--threads", "1", "--work_dir", str(work), "--max_seq_len", "512", "--reuse",
     ])
-    torch.set_num_threads(threads)
     assert all(r["wall_s"] is None for r in again["results"]["runs"].values())
     assert again["results"]["eval"]["readers"] == res["eval"]["readers"]
 

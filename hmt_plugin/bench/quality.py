@@ -295,7 +295,7 @@ def run_quality(args: argparse.Namespace) -> Dict[str, Any]:
     L = args.segment_length
     # Every mode reads HMT's new tokens per segment (in a shorter backbone call without
     # sensory tokens or memory), so the models differ only in memory.
-    seg = {mode: _equal_segment_length(args, mode) for mode in ("baseline", "rmt", "hmt_stage1", "hmt")}
+    seg = equal_segment_lengths(args.segment_length, args.num_sensory)
     from_pretrained = {
         "_component_": "torchtune.training.FullModelHFCheckpointer",
         "checkpoint_dir": str(runs.final_dir(pre_dir)), "checkpoint_files": [runs.FINAL_WEIGHTS],
@@ -377,12 +377,14 @@ def run_quality(args: argparse.Namespace) -> Dict[str, Any]:
     return results
 
 
-def _equal_segment_length(args, mode: str) -> int:
-    """``segment_length`` at which ``mode`` reads as many new tokens per segment as HMT."""
+def equal_segment_lengths(segment_length: int, num_sensory: int) -> Dict[str, int]:
+    """Per mode, the ``segment_length`` at which it reads as many new tokens per segment as
+    HMT at ``segment_length`` with ``num_sensory`` sensory tokens."""
     from hmt_plugin.modules.hmt_config import HMTConfig
 
-    hmt = HMTConfig(mode="hmt", segment_length=args.segment_length, num_sensory=args.num_sensory)
-    return hmt.with_mode(mode, keep_tokens_per_segment=True).segment_length
+    hmt = HMTConfig(mode="hmt", segment_length=segment_length, num_sensory=num_sensory)
+    return {mode: hmt.with_mode(mode, keep_tokens_per_segment=True).segment_length
+            for mode in ("baseline", "rmt", "hmt_stage1", "hmt")}
 
 
 def _tokens_per_segment(model_node: Dict[str, Any]) -> int:

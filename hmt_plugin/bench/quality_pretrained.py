@@ -54,7 +54,7 @@ from hmt_plugin.bench.report import (
     stderr,
     write_json,
 )
-from hmt_plugin.bench.quality import split_books, train_run
+from hmt_plugin.bench.quality import equal_segment_lengths, split_books, train_run
 
 SHARED_BOOKS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gutenberg"
 
@@ -104,12 +104,7 @@ class Settings:
                         num_sensory=args.num_sensory, cache_size=args.cache_size)
         self.new_tokens = hmt.tokens_per_segment
         # Equal new tokens per segment in every mode: only memory differs between the arms.
-        self.segment_length = {
-            mode: HMTConfig(mode="hmt", segment_length=args.segment_length,
-                            num_sensory=args.num_sensory).with_mode(
-                                mode, keep_tokens_per_segment=True).segment_length
-            for mode in ("baseline", "rmt", "hmt_stage1", "hmt")
-        }
+        self.segment_length = equal_segment_lengths(args.segment_length, args.num_sensory)
         self.eval_tokens = args.eval_segments * self.new_tokens
         # Every arm trains on the same number of tokens: HMT's two stages together (the
         # single-stage arms in whole steps of stage-1 windows, so within half a step of it).

@@ -140,7 +140,8 @@ def window_token_nll(
             "chunk is predicted from the token before it, inside the same window."
         )
     device = device or decoder.tok_embeddings.weight.device
-    out = np.full((n, length), np.nan, dtype=np.float64)
+    # Filled on the device and copied to the host once, not once per window.
+    out = torch.full((n, length), float("nan"), device=device)
     # Chunk c0..c0+stride is scored by the window that ends with it.
     calls = []
     for c0 in range(0, length, stride):
@@ -162,8 +163,8 @@ def window_token_nll(
                         logits.flatten(0, 1).float(), target.flatten(), reduction="none"
                     ).view(target.shape)
                 )
-            out[lo : lo + len(ids), first_target:end] = torch.cat(nll, 1).cpu().double().numpy()
-    return out
+            out[lo : lo + len(ids), first_target:end] = torch.cat(nll, 1)
+    return out.cpu().double().numpy()
 
 
 @dataclass

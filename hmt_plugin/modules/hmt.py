@@ -148,7 +148,7 @@ class HMT(nn.Module):
             embeddings (torch.Tensor): ``[vocab, d]`` the backbone's token embeddings.
             generator (Optional[torch.Generator]): for the random draws.
         """
-        embeddings = embeddings.detach().float().cpu()
+        embeddings = embeddings.detach()
         out = {}
         for name, param in self.named_parameters():
             if name.startswith("backbone."):
@@ -156,9 +156,10 @@ class HMT(nn.Module):
             value = torch.empty(param.shape, dtype=torch.float32)
             if name in ("initial_memory", "summary_token"):
                 if self.config.memory_init == "mean_embedding":
-                    value.copy_(embeddings.mean(dim=0).expand_as(value))
+                    mean = embeddings.mean(dim=0, dtype=torch.float32).cpu()
+                    value.copy_(mean.expand_as(value))
                 else:
-                    value.normal_(0.0, embeddings.std().item(), generator=generator)
+                    value.normal_(0.0, embeddings.float().std().item(), generator=generator)
             else:
                 nn.init.kaiming_uniform_(value, a=math.sqrt(5), generator=generator)
             out[name] = value
