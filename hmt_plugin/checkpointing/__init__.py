@@ -55,7 +55,7 @@ from hmt_plugin.checkpointing.convert import (
     convert_to_reference,
     export_hf,
 )
-from hmt_plugin.checkpointing.streaming import ConversionError, open_state_dict
+from hmt_plugin.checkpointing.io import ConversionError, open_state_dict
 
 __all__ += [
     "BackboneLayout",

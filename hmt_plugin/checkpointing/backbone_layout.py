@@ -17,7 +17,7 @@ from torchtune.models import convert_weights
 from torchtune.models.qwen2 import _convert_weights as qwen2_convert
 
 from hmt_plugin.checkpointing.hf_backbone import read_hf_config
-from hmt_plugin.checkpointing.streaming import ConversionError
+from hmt_plugin.checkpointing.io import ConversionError
 
 COVERED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")

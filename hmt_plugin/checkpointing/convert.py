@@ -10,7 +10,7 @@ for (``memory_cell.mem_map.*``, RoPE ``inv_freq`` buffers), so that :func:`conve
 gives the original file back tensor for tensor.
 
 Every converter reads its input lazily and writes HF shards one at a time
-(:mod:`hmt_plugin.checkpointing.streaming`); only the single-file outputs (the published
+(:mod:`hmt_plugin.checkpointing.io`); only the single-file outputs (the published
 ``.pt`` and Meta's ``consolidated.00.pth``, which ``torch.save`` writes in one go) hold one
 full copy of the model.
 """
@@ -59,7 +59,7 @@ from hmt_plugin.checkpointing.published import (
     published_mode,
     published_recall_dtype,
 )
-from hmt_plugin.checkpointing.streaming import (
+from hmt_plugin.checkpointing.io import (
     DEFAULT_MAX_SHARD_SIZE,
     PUBLISHED_EXTRAS,
     ConversionError,

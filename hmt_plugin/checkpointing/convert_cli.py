@@ -26,7 +26,7 @@ from hmt_plugin.checkpointing.convert import (
     published_args,
 )
 from hmt_plugin.checkpointing.hmt_files import HMTCheckpointError
-from hmt_plugin.checkpointing.streaming import DEFAULT_MAX_SHARD_SIZE
+from hmt_plugin.checkpointing.io import DEFAULT_MAX_SHARD_SIZE
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:

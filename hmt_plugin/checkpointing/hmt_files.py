@@ -7,49 +7,30 @@ A checkpoint directory of ours is whatever torchtune's checkpointer writes for t
   (``initial_memory``, ``summary_token``, ``recall.q_proj.weight``, ``recall.k_proj.weight``);
 * ``hmt_config.json``: ``{"format": ..., "hmt": <HMTConfig>, ...}``.
 
-Both are written to a temporary name and renamed into place, so a run killed while saving
-never leaves a half-written file under the real name.
+Both are written atomically (:mod:`hmt_plugin.checkpointing.io`), so a run killed while
+saving never leaves a half-written file under the real name.
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from hmt_plugin.checkpointing.io import (
+    HMT_WEIGHTS,
+    HMTCheckpointError,
+    PathLike,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+)
 from hmt_plugin.modules.hmt_config import HMTConfig
 
-HMT_WEIGHTS = "hmt_model.safetensors"
 HMT_CONFIG = "hmt_config.json"
 FORMAT = "hmt-torchtune/1"
 RECALL_PARAMS = ("summary_token", "recall.q_proj.weight", "recall.k_proj.weight")
-
-PathLike = Union[str, os.PathLike]
-
-
-class HMTCheckpointError(ValueError):
-    """An HMT checkpoint that is missing, damaged or does not fit the model."""
-
-
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and
-    ``os.replace``; on failure (disk full, ...) the previous file at ``path`` is untouched."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_hmt_checkpoint(
@@ -77,15 +58,7 @@ def save_hmt_checkpoint(
             "save_hmt_checkpoint got backbone keys; pass HMT.hmt_state_dict() (the backbone is "
             "saved by torchtune's checkpointer)."
         )
-    fd, tmp = tempfile.mkstemp(prefix=f".{HMT_WEIGHTS}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT})
-        os.replace(tmp, directory / HMT_WEIGHTS)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_save_safetensors(tensors, directory / HMT_WEIGHTS, metadata={"format": FORMAT})
     meta = {"format": FORMAT, "hmt": config.to_dict(), **(extra or {})}
     atomic_write_bytes(directory / HMT_CONFIG, json.dumps(meta, indent=2, sort_keys=True).encode())
     return directory / HMT_WEIGHTS

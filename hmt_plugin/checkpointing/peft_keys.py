@@ -28,11 +28,14 @@ import torch
 from torchtune.modules.peft import get_merged_lora_ckpt
 
 from hmt_plugin.checkpointing.backbone_layout import BackboneLayout
-from hmt_plugin.checkpointing.streaming import ConversionError, open_state_dict
+from hmt_plugin.checkpointing.io import (
+    ADAPTER_PT,
+    ADAPTER_SAFETENSORS,
+    ConversionError,
+    open_state_dict,
+)
 
 PEFT_PREFIX = "base_model.model."
-ADAPTER_PT = "adapter_model.pt"
-ADAPTER_SAFETENSORS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
 _PEFT_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<name>[^.]+))?\.weight$")

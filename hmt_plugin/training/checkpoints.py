@@ -13,7 +13,7 @@ Layout under the run's ``output_dir``::
 
 The backbone goes through the torchtune checkpointer of the config (HF, Meta or torchtune
 format, key conversion included). Everything is written into ``.<name>.partial/`` first and
-renamed into place last, so a kill or a full disk mid-save leaves the previous checkpoint
+renamed into place last (:mod:`hmt_plugin.checkpointing.io`), so a kill or a full disk mid-save leaves the previous checkpoint
 as it was, and ``latest_checkpoint`` only ever returns complete ones.
 """
 
@@ -30,7 +30,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torchtune import training
 
-from hmt_plugin.checkpointing.hmt_files import atomic_write_bytes, save_hmt_checkpoint
+from hmt_plugin.checkpointing.hmt_files import save_hmt_checkpoint
+from hmt_plugin.checkpointing.io import atomic_torch_save, atomic_write_bytes, move_into_place, staged
 from hmt_plugin.modules.hmt_config import HMTConfig
 
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
@@ -229,14 +230,13 @@ class CheckpointWriter:
                 f"{latest_checkpoint(self._root) or 'none yet'}. Lower the learning rate, enable "
                 "clip_grad_norm, or use dtype=fp32."
             )
-        staging = self._root / f".{name}.partial"
-        if staging.exists():
-            shutil.rmtree(staging)
         try:
-            target = self._write(name, staging, hmt_state, hmt_config, model_state,
-                                 adapter_state, adapter_config, recipe_state, meta)
+            with staged(self._root / name) as staging:
+                target = self._write(name, staging, hmt_state, hmt_config, model_state,
+                                     adapter_state, adapter_config, recipe_state, meta)
         except OSError as err:
-            shutil.rmtree(staging, ignore_errors=True)
+            # The staging directory is gone by now: a kill leaves it, and the next save of the
+            # same name replaces it.
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CheckpointError(
                     err.errno,
@@ -246,11 +246,6 @@ class CheckpointWriter:
                     "lower keep_last_n_checkpoints, or move output_dir to a larger disk, then "
                     "rerun with resume_from_checkpoint=True.",
                 ) from err
-            raise
-        except Exception:
-            # Anything else (a bug, a bad value) leaves no staging directory behind either;
-            # a kill leaves it, and the next save of the same name replaces it.
-            shutil.rmtree(staging, ignore_errors=True)
             raise
         self._prune()
         return target
@@ -276,28 +271,12 @@ class CheckpointWriter:
         written = staging / "epoch_0"
         save_hmt_checkpoint(written, hmt_state, hmt_config, extra=meta)
         if recipe_state is not None:
-            tmp = written / f".{RECIPE_STATE}.tmp"
-            torch.save(recipe_state, tmp)
-            os.replace(tmp, written / RECIPE_STATE)
+            atomic_torch_save(recipe_state, written / RECIPE_STATE)
         record = {"name": name, "time": time.time(), **(meta or {})}
         atomic_write_bytes(written / COMPLETE_MARKER, json.dumps(record, indent=2).encode())
         target = self._root / name
-        self._replace(written, target)
-        shutil.rmtree(staging, ignore_errors=True)
+        move_into_place(written, target, merge=False)
         return target
-
-    def _replace(self, source: Path, target: Path) -> None:
-        """Move ``source`` to ``target``; an existing ``target`` is only removed once the new
-        one is in place."""
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(target, old)
-        os.replace(source, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self) -> None:
         if not self._keep_last_n:

@@ -1,10 +1,16 @@
-"""Reading and writing state dicts one tensor at a time.
+"""Reading and writing checkpoint files: the layer every format module writes through.
 
-A 7B checkpoint is ~13 GiB in bf16; a converter that loads it, converts it into a new dict
-and then saves that dict holds it twice. Here the input is opened lazily (``safe_open`` for
-safetensors, ``torch.load(mmap=True)`` for pickled state dicts, whose tensors stay on disk
-until touched) and the output is written in HF-style shards of bounded size, so a
-conversion holds at most one shard besides what it is converting.
+* **Atomic writes.** A file is written to a temporary name in its directory and renamed into
+  place (:func:`atomic_write`), so a kill or a full disk never leaves a half-written file
+  under the real name.
+* **Staging directories.** A checkpoint directory is written into ``.<name>.partial`` beside
+  it and moved into place only when complete (:func:`staged`, :func:`move_into_place`).
+* **Tensors one at a time.** A 7B checkpoint is ~13 GiB in bf16; a converter that loads it,
+  converts it into a new dict and then saves that dict holds it twice. The input is opened
+  lazily (:class:`TensorSource`: ``safe_open`` for safetensors, ``torch.load(mmap=True)`` for
+  pickled state dicts, whose tensors stay on disk until touched) and the output is written
+  in HF-style shards of bounded size (:class:`ShardWriter`), so a conversion holds at most
+  one shard besides what it is converting.
 """
 
 import contextlib
@@ -14,7 +20,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -22,13 +28,15 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from torchtune.training.checkpointing._utils import SAFETENSOR_INDEX_FNAME, SHARD_FNAME
 
-from hmt_plugin.checkpointing.hmt_files import HMT_CONFIG, HMT_WEIGHTS, HMTCheckpointError
-
 PathLike = Union[str, os.PathLike]
 
-# Files in a checkpoint directory that hold tensors but are not the backbone's weights.
-ADAPTER_FILES = ("adapter_model.pt", "adapter_model.safetensors", "adapter_model.bin")
+# Files in a checkpoint directory that hold tensors but are not the backbone's weights: ours
+# (hmt_files), the published tensors our model has no use for, and LoRA adapters.
+HMT_WEIGHTS = "hmt_model.safetensors"
 PUBLISHED_EXTRAS = "published_extras.safetensors"
+ADAPTER_PT = "adapter_model.pt"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+ADAPTER_FILES = (ADAPTER_PT, ADAPTER_SAFETENSORS, "adapter_model.bin")
 NOT_BACKBONE = {HMT_WEIGHTS, PUBLISHED_EXTRAS, *ADAPTER_FILES}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
@@ -50,8 +58,122 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+class HMTCheckpointError(ValueError):
+    """An HMT checkpoint that is missing, damaged or does not fit the model."""
+
+
 class ConversionError(HMTCheckpointError):
     """A checkpoint that cannot be converted. The message names the file or the key."""
+
+
+# ----------------------------------------------------------------------------- atomic writes
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write`` on a temporary name beside ``path``, then rename it to ``path``; on
+    failure (disk full, a kill, ...) the temporary file is removed and the previous file at
+    ``path`` is untouched.
+
+    Args:
+        path: the file to write.
+        write: writes the content to the path it is given (``torch.save``, ``save_file``, ...).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """:func:`atomic_write` of ``data``, synced to the disk before the rename."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> Path:
+    """:func:`atomic_write` with ``torch.save`` (the parent directory is created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: PathLike, metadata: Dict[str, str]) -> Path:
+    """:func:`atomic_write` with safetensors' ``save_file``."""
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+# ----------------------------------------------------------------------------- staging
+@contextlib.contextmanager
+def staged(target: PathLike) -> Iterator[Path]:
+    """Yield an empty staging directory ``.<target name>.partial`` beside ``target`` (a
+    leftover of a killed write is replaced) and remove it when the block ends, whether it
+    succeeds or fails; the block moves what it wrote into place with :func:`move_into_place`.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def move_into_place(source: Path, target: Path, *, merge: bool) -> None:
+    """Move the directory ``source`` to ``target``.
+
+    Args:
+        merge: with ``target`` present, ``source``'s entries replace their namesakes in it and
+            the others stay; otherwise the whole directory is replaced, the old one removed
+            only once the new one is in place.
+    """
+    if not target.exists():
+        os.replace(source, target)
+    elif merge:
+        for item in source.iterdir():
+            destination = target / item.name
+            if destination.is_dir() and not destination.is_symlink():
+                shutil.rmtree(destination)
+            os.replace(item, destination)
+    else:
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_directory(output: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """A converter's output: yield a staging directory (:func:`staged`) and merge its files
+    into ``output`` only when the block succeeds, so a failed conversion never leaves a
+    half-written checkpoint.
+
+    Raises:
+        ConversionError: ``output`` is a non-empty directory and ``overwrite`` is False.
+    """
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ConversionError(f"{output} exists and is not a directory.")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ConversionError(f"{output} is not empty; choose another output or pass overwrite (--overwrite).")
+    with staged(output) as stage:
+        yield stage
+        move_into_place(stage, output, merge=True)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -330,52 +452,6 @@ class ShardWriter:
         return weight_map
 
 
-@contextlib.contextmanager
-def staged_directory(output: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield an empty staging directory beside ``output``; move its files into ``output`` only
-    when the block succeeds, so a failed conversion never leaves a half-written checkpoint.
-
-    Raises:
-        ConversionError: ``output`` is a non-empty directory and ``overwrite`` is False.
-    """
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ConversionError(f"{output} exists and is not a directory.")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ConversionError(f"{output} is not empty; choose another output or pass overwrite (--overwrite).")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
-        yield staging
-        if not output.exists():
-            os.replace(staging, output)
-            return
-        for item in staging.iterdir():
-            target = output / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-
-
-def atomic_torch_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save`` to a temporary name and rename: a failed save leaves no file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def progress(items: Iterable, *, desc: str, total: Optional[int] = None, enabled: bool = True) -> Iterable:
     """tqdm over ``items`` on stderr (silent when ``enabled`` is False)."""
     return tqdm(items, desc=desc, total=total, unit="tensor", disable=not enabled, leave=False)
@@ -400,15 +476,20 @@ __all__ = [
     "ADAPTER_FILES",
     "ConversionError",
     "DEFAULT_MAX_SHARD_SIZE",
-    "HMT_CONFIG",
+    "HMTCheckpointError",
     "PUBLISHED_EXTRAS",
     "ShardWriter",
     "TensorSource",
+    "atomic_save_safetensors",
     "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_bytes",
     "copy_side_files",
+    "move_into_place",
     "open_state_dict",
     "parse_size",
     "progress",
+    "staged",
     "staged_directory",
     "weight_files",
 ]
