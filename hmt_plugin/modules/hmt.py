@@ -1,7 +1,7 @@
 """The Hierarchical Memory Transformer wrapper (He et al., NAACL 2025, arXiv 2405.06067)."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -200,6 +200,176 @@ class HMT(nn.Module):
             )
         self.config = new
 
+    # ------------------------------------------------------------------ the four steps
+    # forward, the generator and the speed profiler all read a segment through these.
+    def sensory_memory(
+        self, segment: torch.Tensor, previous: Optional[torch.Tensor] = None
+    ) -> Optional[torch.Tensor]:
+        """Sensory memory: what segment n+1 reads in front of its own tokens.
+
+        Args:
+            segment (torch.Tensor): ``[b, w]`` token ids of segment n.
+            previous (Optional[torch.Tensor]): ``[b, k]`` the sensory memory before it.
+
+        Returns:
+            Optional[torch.Tensor]: ``[b, k]`` the last ``k = num_sensory`` tokens of the
+            segment; ``previous`` in modes without sensory memory, or when the segment is
+            shorter than ``k`` (a document's unfinished last segment).
+        """
+        k = self.config.sensory_tokens_used
+        if k and segment.shape[1] >= k:
+            return segment[:, segment.shape[1] - k :]
+        return previous
+
+    def summarize(
+        self,
+        ids: torch.Tensor,
+        real_tokens: Optional[Sequence[int]] = None,
+        *,
+        checkpoint_rows: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Representation encoding: S_n, the recall query of a segment, for many segments in
+        one backbone call.
+
+        Args:
+            ids (torch.Tensor): ``[r, h]`` the first ``summary_tokens`` token ids of ``r``
+                segments (of any documents), right-padded.
+            real_tokens (Optional[Sequence[int]]): per row, how many of ``ids`` are real
+                (None: all).
+            checkpoint_rows (Optional[int]): recompute the call in backward, in chunks of this
+                many rows (see :func:`~hmt_plugin.modules.segment_checkpoint.maybe_checkpoint_rows`);
+                None keeps the activations.
+
+        Returns:
+            torch.Tensor: ``[r, m, d]`` final-norm hidden state at the trailing ``mem`` of
+            ``[mem; ids; mem]``.
+        """
+        rows, h = ids.shape
+        m = self.config.num_memory_tokens
+        probe = self.summary_token.to(self._dtype()).expand(rows, m, -1)
+        x = torch.cat([probe, embed_tokens(self.backbone, ids), probe], dim=1)
+        attn_mask = positions = None
+        if real_tokens is not None:
+            attn_mask, positions = ragged_layout([[m, n, m] for n in real_tokens], [m, h, m], ids.device)
+        hidden = maybe_checkpoint_rows(
+            checkpoint_rows is not None, checkpoint_rows or rows, run_layers, self.backbone, x,
+            mask=attn_mask, input_pos=positions,
+        )
+        return self.backbone.norm(hidden[:, hidden.shape[1] - m :])
+
+    def search_memory(
+        self,
+        state: HMTState,
+        summary: Optional[torch.Tensor],
+        *,
+        first: bool,
+        batch: int,
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Memory search: P_n, the memory segment n reads before and after its tokens.
+
+        Args:
+            state (HMTState): after segment n-1 (``memory`` M_{n-1}, the ``cache``).
+            summary (Optional[torch.Tensor]): ``[b, m, d]`` S_n (``hmt`` mode).
+            first (bool): segment n is its documents' first (P_n is ``initial_memory``).
+            batch (int): b.
+
+        Returns:
+            Tuple: P_n ``[b, m, d]`` in the backbone's dtype (None in ``baseline``), and the
+            recall weights ``[b, m, c]`` over the cache (None where nothing was recalled):
+            ``hmt`` recalls with S_n, ``rmt`` and ``hmt_stage1`` carry M_{n-1}.
+        """
+        cfg = self.config
+        if not cfg.uses_memory:
+            return None, None
+        dtype = self._dtype()
+        if first:
+            return self.initial_memory.to(dtype).expand(batch, cfg.num_memory_tokens, -1), None
+        if not cfg.uses_recall:
+            return state.memory.to(dtype), None
+        recalled, scores = self.recall(summary, state.cache, state.cache_keys, state.cache_valid)
+        return recalled.to(dtype), scores
+
+    def segment_embeddings(
+        self,
+        prefix: Optional[torch.Tensor],
+        sensory: Optional[torch.Tensor],
+        segment: torch.Tensor,
+        *,
+        closed: bool = True,
+    ) -> torch.Tensor:
+        """The backbone input of segment n, ``[P_n; sensory; x_n; P_n]``: ``[b, m + k + w + m, d]``.
+
+        Args:
+            prefix (Optional[torch.Tensor]): ``[b, m, d]`` P_n (:meth:`search_memory`).
+            sensory (Optional[torch.Tensor]): ``[b, k]`` :meth:`sensory_memory` of segment n-1;
+                None for a document's first segment (ignored in modes without sensory memory).
+            segment (torch.Tensor): ``[b, w]`` token ids x_n.
+            closed (bool): False leaves out the trailing P_n (the generator adds it when the
+                segment is full).
+        """
+        sensory = self._sensory_read(sensory)
+        ids = segment if sensory is None else torch.cat([sensory.to(segment), segment], dim=1)
+        h = embed_tokens(self.backbone, ids)
+        if prefix is None:
+            return h
+        return torch.cat([prefix, h, prefix] if closed else [prefix, h], dim=1)
+
+    def read_segment(
+        self,
+        prefix: Optional[torch.Tensor],
+        sensory: Optional[torch.Tensor],
+        segment: torch.Tensor,
+        real_tokens: Sequence[int],
+        *,
+        checkpoint: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Memory recall: the backbone reads :meth:`segment_embeddings` ``[P_n; sensory; x_n; P_n]``.
+
+        Args:
+            prefix, sensory, segment: as in :meth:`segment_embeddings`.
+            real_tokens (Sequence[int]): per row, how many of the ``w`` tokens are real.
+            checkpoint (bool): recompute the call in backward instead of keeping activations.
+
+        Returns:
+            Tuple: ``[b, w, d]`` hidden states of x_n's positions and ``[b, m, d]`` those of
+            the trailing P_n (None in ``baseline``), before the final norm.
+        """
+        m = self.config.memory_tokens_used
+        sensory = self._sensory_read(sensory)
+        k, w = (0 if sensory is None else sensory.shape[1]), segment.shape[1]
+        x = self.segment_embeddings(prefix, sensory, segment)
+        counts = [[m, k, n, m] for n in real_tokens]
+        attn_mask, positions = ragged_layout(counts, [m, k, w, m], segment.device)
+        hidden = maybe_checkpoint(
+            checkpoint, run_layers, self.backbone, x, mask=attn_mask, input_pos=positions
+        )
+        closing = hidden[:, hidden.shape[1] - m :] if prefix is not None else None
+        return hidden[:, m + k : m + k + w], closing
+
+    def write_memory(self, closing: torch.Tensor, state: HMTState) -> HMTState:
+        """Memory write: M_n = final norm of the hidden state at segment n's trailing P_n,
+        which joins the cache (``hmt``; the newest ``cache_size`` vectors are kept).
+
+        Args:
+            closing (torch.Tensor): ``[b, m, d]`` from :meth:`read_segment`.
+            state (HMTState): after segment n-1.
+
+        Returns:
+            HMTState: ``state`` with ``memory`` M_n and the updated cache.
+        """
+        memory = self.backbone.norm(closing)
+        cache, keys, valid = state.cache, state.cache_keys, state.cache_valid
+        if self.config.uses_recall:
+            cache, keys, valid = self.recall.remember(memory, cache, keys, valid, self.config.cache_size)
+        return replace(state, memory=memory, cache=cache, cache_keys=keys, cache_valid=valid)
+
+    def _sensory_read(self, sensory: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        # A state may carry sensory tokens into a mode that reads none (after set_mode).
+        return sensory if self.config.sensory_tokens_used else None
+
+    def _dtype(self) -> torch.dtype:
+        return self.backbone.tok_embeddings.weight.dtype
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -384,8 +554,6 @@ class _Reader:
         self.checkpoint = False
         self.state_in = state
         self.block = self.cfg.tokens_per_segment
-        self.m = self.cfg.memory_tokens_used
-        self.k = self.cfg.sensory_tokens_used
         self._merge_pending(tokens, labels, lengths)
 
     # ------------------------------------------------------------------ planning
@@ -451,93 +619,77 @@ class _Reader:
 
     # ------------------------------------------------------------------ the read
     def run(self) -> HMTOutput:
-        model, cfg, m, k = self.model, self.cfg, self.m, self.k
+        model, cfg = self.model, self.cfg
         fresh = self._check_stages()
         if self.n_segments == 0:
             return self._finish([], [], [], [], self._first_target_nll(None), None, {-1: self.state_in})
-        dtype = self.decoder.tok_embeddings.weight.dtype
         # A fresh document's first segment starts from initial_memory: its summary is only
         # an output, computed unless the caller asked for the loss alone.
         skip = 1 if fresh and not self.all_outputs else 0
         summaries = self._summaries(skip) if cfg.uses_recall else None
-
-        st = self.state_in
-        memory = st.memory
-        sensory = st.sensory
-        cache, keys, valid = st.cache, st.cache_keys, st.cache_valid
-        if cache is not None and torch.is_grad_enabled():
-            # The state is detached; keys projected again keep the key projection's gradient.
-            keys = model.recall.keys(cache)
-        last_hidden = st.last_hidden
+        carry = self._carried_state()
         memories, scores_out, logits_out, nll_pred, snaps = [], [], [], [], {}
         snap_rows = self._snapshot_rows()
         if -1 in snap_rows:
             snaps[-1] = self.state_in
-        nll_first = self._first_target_nll(last_hidden)
+        nll_first = self._first_target_nll(carry.last_hidden)
 
         for n in range(self.n_segments):
-            start, w = n * self.block, self.widths[n]
-            x = self.tokens[:, start : start + w]
+            x = self.tokens[:, n * self.block : n * self.block + self.widths[n]]
             first = fresh and n == 0
-            recalled = None
-            if not cfg.uses_memory:
-                prefix = None
-            elif first:
-                prefix = model.initial_memory.to(dtype).expand(self.batch, m, -1)
-            elif cfg.uses_recall:
-                prefix, recalled = model.recall(summaries[:, n], cache, keys, valid)
-                prefix = prefix.to(dtype)
-            else:
-                prefix = memory.to(dtype)
-            k_n = 0 if first else k
-            ids = torch.cat([sensory.to(x), x], dim=1) if k_n else x
-            h = embed_tokens(self.decoder, ids)
-            if prefix is not None:
-                h = torch.cat([prefix, h, prefix], dim=1)
-            counts = [[m, k_n, self.seg_lens[n][b], m] for b in range(self.batch)]
-            attn_mask, positions = ragged_layout(counts, [m, k_n, w, m], self.device)
-            hidden = maybe_checkpoint(
-                self.checkpoint, run_layers, self.decoder, h, mask=attn_mask, input_pos=positions
+            summary = None if summaries is None else summaries[:, n]
+            prefix, scores = model.search_memory(carry, summary, first=first, batch=self.batch)
+            token_hidden, closing = model.read_segment(
+                prefix, None if first else carry.sensory, x, self.seg_lens[n],
+                checkpoint=self.checkpoint,
             )
-            token_hidden = hidden[:, m + k_n : m + k_n + w]
             self._outputs(n, token_hidden, logits_out, nll_pred)
-
             if cfg.uses_memory:
-                memory = self.decoder.norm(hidden[:, hidden.shape[1] - m :])
-                memories.append(memory)
+                carry = model.write_memory(closing, carry)
+                memories.append(carry.memory)
             if cfg.uses_recall:
-                scores_out.append(recalled)
-                cache, keys, valid = model.recall.remember(memory, cache, keys, valid, cfg.cache_size)
-            if k and w >= k:
-                sensory = x[:, w - k :]
-            last_hidden = token_hidden[:, -1:]
+                scores_out.append(scores)
+            carry = replace(
+                carry, sensory=model.sensory_memory(x, carry.sensory), last_hidden=token_hidden[:, -1:]
+            )
             if (n + 1) % cfg.bptt_depth == 0:
-                # Truncated BPTT: nothing later in this call backpropagates into segment n
-                # or earlier. (The published code's manage_gradients rebinds a local name,
-                # so its truncation never happens.) The recall keys are re-projected from the
-                # detached memories: the key projection itself must keep its gradient.
-                memory = memory.detach() if memory is not None else None
-                if cache is not None:
-                    cache = cache.detach()
-                    keys = model.recall.keys(cache) if torch.is_grad_enabled() else keys.detach()
+                carry = self._truncated(carry)
             if n in snap_rows:
-                snaps[n] = HMTState(
-                    segments_seen=[],
-                    memory=memory,
-                    sensory=sensory,
-                    cache=cache,
-                    cache_keys=keys,
-                    cache_valid=valid,
-                    last_hidden=last_hidden,
-                )
+                snaps[n] = carry
         return self._finish(memories, scores_out, logits_out, nll_pred, nll_first, summaries, snaps)
 
-    def _summaries(self, skip: int = 0) -> torch.Tensor:
-        """Representation encoding of every segment (but the first ``skip``, returned as
-        zeros) in one batched backbone call.
+    def _carried_state(self) -> HMTState:
+        """The incoming state as the loop carries it (memory, sensory, cache, last hidden)."""
+        st = self.state_in
+        keys = st.cache_keys
+        if st.cache is not None and torch.is_grad_enabled():
+            # The state is detached; keys projected again keep the key projection's gradient.
+            keys = self.model.recall.keys(st.cache)
+        return HMTState(
+            segments_seen=st.segments_seen,
+            memory=st.memory,
+            sensory=st.sensory,
+            cache=st.cache,
+            cache_keys=keys,
+            cache_valid=st.cache_valid,
+            last_hidden=st.last_hidden,
+        )
 
-        Returns ``[b, s, m, d]``: final-norm hidden state at the trailing ``mem`` of
-        ``[mem; first summary_tokens of the segment; mem]``."""
+    def _truncated(self, carry: HMTState) -> HMTState:
+        """Truncated BPTT: nothing later in this call backpropagates into the segments read
+        so far. (The published code's manage_gradients rebinds a local name, so its
+        truncation never happens.) The recall keys are re-projected from the detached
+        memories: the key projection itself must keep its gradient."""
+        memory = carry.memory.detach() if carry.memory is not None else None
+        cache, keys = carry.cache, carry.cache_keys
+        if cache is not None:
+            cache = cache.detach()
+            keys = self.model.recall.keys(cache) if torch.is_grad_enabled() else keys.detach()
+        return replace(carry, memory=memory, cache=cache, cache_keys=keys)
+
+    def _summaries(self, skip: int = 0) -> torch.Tensor:
+        """:meth:`HMT.summarize` of every segment (but the first ``skip``, returned as zeros)
+        in one batched backbone call: ``[b, s, m, d]``."""
         b, s, m = self.batch, self.n_segments, self.cfg.num_memory_tokens
         h = self.cfg.summary_tokens
         dtype = self.decoder.tok_embeddings.weight.dtype
@@ -547,14 +699,9 @@ class _Reader:
             return zeros
         grid = F.pad(self.tokens, (0, s * self.block - self.width)).view(b, s, self.block)
         ids = grid[:, skip:, :h].reshape(b * read, h)
-        probe = self.model.summary_token.to(dtype).expand(b * read, m, -1)
-        x = torch.cat([probe, embed_tokens(self.decoder, ids), probe], dim=1)
-        counts = [[m, min(h, self.seg_lens[n][row]), m] for row in range(b) for n in range(skip, s)]
-        attn_mask, positions = ragged_layout(counts, [m, h, m], self.device)
-        hidden = maybe_checkpoint_rows(
-            self.checkpoint, b, run_layers, self.decoder, x, mask=attn_mask, input_pos=positions
-        )
-        out = self.decoder.norm(hidden[:, hidden.shape[1] - m :]).view(b, read, m, -1)
+        real = [min(h, self.seg_lens[n][row]) for row in range(b) for n in range(skip, s)]
+        rows = b if self.checkpoint else None
+        out = self.model.summarize(ids, real, checkpoint_rows=rows).view(b, read, m, -1)
         return torch.cat([zeros.to(out.dtype), out], dim=1) if skip else out
 
     # ------------------------------------------------------------------ outputs
