@@ -20,7 +20,7 @@ from hmt_plugin.checkpointing import (
     export_hf,
     save_hmt_checkpoint,
 )
-from hmt_plugin.checkpointing.convert import hf_config_from_meta, meta_params_from_hf, _meta_ffn_dim
+from hmt_plugin.checkpointing.meta import hf_config_from_meta, meta_params_from_hf, _meta_ffn_dim
 from hmt_plugin.checkpointing.backbone_layout import BackboneLayout
 from hmt_plugin.checkpointing.convert_cli import main
 from hmt_plugin.checkpointing.io import ShardWriter, open_state_dict, parse_size

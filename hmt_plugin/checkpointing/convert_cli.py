@@ -14,19 +14,10 @@ flags win. Also runs as ``python -m hmt_plugin.checkpointing.convert_cli``.
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
-from hmt_plugin.checkpointing.convert import (
-    ConversionResult,
-    convert_from_meta,
-    convert_from_reference,
-    convert_to_meta,
-    convert_to_reference,
-    export_hf,
-    published_args,
-)
-from hmt_plugin.checkpointing.hmt_files import HMTCheckpointError
-from hmt_plugin.checkpointing.io import DEFAULT_MAX_SHARD_SIZE
+from hmt_plugin.checkpointing import convert
+from hmt_plugin.checkpointing.io import DEFAULT_MAX_SHARD_SIZE, ConversionResult, HMTCheckpointError
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -102,30 +93,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> ConversionResult:
+def _options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The converter's keyword arguments for the parsed command line."""
     show = not args.quiet
     if args.command == "from-reference":
         flags = {k: getattr(args, k) for k in (
             "segment_length", "num_sensory", "mem_recall_hidden_dim", "mem_recall_context",
             "bptt_depth", "memory_size", "sum_fraction", "hmt_stage_1", "rmt_only", "baseline_only")}
-        return convert_from_reference(
-            args.input, args.output, hf_config=args.hf_config,
-            hparams=published_args(args.hparams, **flags), lora=args.lora,
-            lora_alpha=args.lora_alpha, lora_rank=args.lora_rank, recall_dtype=args.recall_dtype,
-            max_shard_size=args.max_shard_size, overwrite=args.overwrite, show_progress=show,
+        return dict(
+            hf_config=args.hf_config, hparams=convert.published_args(args.hparams, **flags),
+            lora=args.lora, lora_alpha=args.lora_alpha, lora_rank=args.lora_rank,
+            recall_dtype=args.recall_dtype, max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite, show_progress=show,
         )
     if args.command == "to-reference":
-        return convert_to_reference(args.input, args.output, lora=args.lora,
-                                    hparams_output=args.hparams_output, show_progress=show)
+        return dict(lora=args.lora, hparams_output=args.hparams_output, show_progress=show)
     if args.command == "export-hf":
-        return export_hf(args.input, args.output, max_shard_size=args.max_shard_size,
-                         overwrite=args.overwrite, show_progress=show)
+        return dict(max_shard_size=args.max_shard_size, overwrite=args.overwrite, show_progress=show)
     if args.command == "to-meta":
-        return convert_to_meta(args.input, args.output, lora=args.lora,
-                               overwrite=args.overwrite, show_progress=show)
-    return convert_from_meta(args.input, args.output, hf_config=args.hf_config,
-                             max_seq_len=args.max_seq_len, max_shard_size=args.max_shard_size,
-                             overwrite=args.overwrite, show_progress=show)
+        return dict(lora=args.lora, overwrite=args.overwrite, show_progress=show)
+    return dict(hf_config=args.hf_config, max_seq_len=args.max_seq_len,
+                max_shard_size=args.max_shard_size, overwrite=args.overwrite, show_progress=show)
+
+
+def _run(args: argparse.Namespace) -> ConversionResult:
+    return convert.CONVERSIONS[args.command](args.input, args.output, **_options(args))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -8,7 +8,7 @@ express, naming the field."""
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from torchtune.models.gemma import gemma, lora_gemma
 from torchtune.models.gemma2 import gemma2, lora_gemma2
@@ -18,7 +18,10 @@ from torchtune.models.mistral import lora_mistral, mistral
 from torchtune.models.qwen2 import lora_qwen2, qwen2
 from torchtune.modules import TiedLinear, TransformerDecoder
 
+from hmt_plugin.checkpointing.io import ConversionError
+
 HFConfigSource = Union[str, Path, Mapping[str, Any]]
+HF_CONFIG = "config.json"
 
 # HF ``model_type`` -> torchtune checkpointer ``model_type`` (which picks the key converter).
 CHECKPOINTER_MODEL_TYPES = {
@@ -49,6 +52,26 @@ def read_hf_config(source: HFConfigSource) -> Dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}); the checkpoint is damaged.") from err
+
+
+def read_hf_config_bytes(source: HFConfigSource) -> Tuple[Dict[str, Any], bytes, str]:
+    """``config.json`` as (dict, the exact bytes to write, a name for messages); a file is
+    copied byte for byte so round trips leave it unchanged."""
+    if isinstance(source, Mapping):
+        return dict(source), json.dumps(dict(source), indent=2).encode(), "the given HF config"
+    path = Path(source)
+    if path.is_dir():
+        path = path / HF_CONFIG
+    if not path.is_file():
+        raise ConversionError(
+            f"no config.json at {path}: give the HF config.json of the backbone (the published "
+            "checkpoints do not carry it; it is the one of --model_name)."
+        )
+    raw = path.read_bytes()
+    try:
+        return json.loads(raw), raw, str(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{path} is not valid JSON ({err}).") from err
 
 
 def rope_theta_of(config: Mapping[str, Any], default: float = 10_000.0) -> float:

@@ -1,4 +1,5 @@
-"""The HMT parameters' own files, written beside torchtune's checkpoint of the backbone.
+"""Our checkpoint format: the HMT parameters' own files, written beside torchtune's checkpoint
+of the backbone.
 
 A checkpoint directory of ours is whatever torchtune's checkpointer writes for the backbone
 (HF-format shards, ``config.json``, adapters) plus:
@@ -8,24 +9,34 @@ A checkpoint directory of ours is whatever torchtune's checkpointer writes for t
 * ``hmt_config.json``: ``{"format": ..., "hmt": <HMTConfig>, ...}``.
 
 Both are written atomically (:mod:`hmt_plugin.checkpointing.io`), so a run killed while
-saving never leaves a half-written file under the real name.
+saving never leaves a half-written file under the real name. The converters read such a
+directory through :func:`open_our_checkpoint`.
 """
 
 import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from hmt_plugin.checkpointing.backbone_layout import BackboneLayout
+from hmt_plugin.checkpointing.hf_backbone import read_hf_config_bytes
 from hmt_plugin.checkpointing.io import (
     HMT_WEIGHTS,
+    PUBLISHED_EXTRAS,
+    ConversionError,
     HMTCheckpointError,
     PathLike,
+    TensorSource,
     atomic_save_safetensors,
     atomic_write_bytes,
+    open_state_dict,
 )
+from hmt_plugin.checkpointing.peft_keys import TuneAdapter, load_adapter
 from hmt_plugin.modules.hmt_config import HMTConfig
 
 HMT_CONFIG = "hmt_config.json"
@@ -139,3 +150,43 @@ def check_hmt_state_dict(
     missing = [n for n in ours if n not in state_dict and n not in RECALL_PARAMS]
     if missing:
         raise HMTCheckpointError(f"{source} lacks {missing}; it is not a checkpoint of this model.")
+
+
+@dataclass
+class OurCheckpoint:
+    """One of our checkpoint directories, opened lazily."""
+
+    directory: Path
+    config: Dict[str, Any]
+    config_bytes: bytes
+    layout: BackboneLayout
+    backbone: TensorSource
+    adapter: Optional[TuneAdapter]
+
+
+def open_our_checkpoint(directory: PathLike) -> OurCheckpoint:
+    """Open one of our checkpoint directories for a converter: ``config.json`` (its exact
+    bytes too), the backbone's tensors (lazily, checked against the config) and the adapter.
+
+    Raises:
+        ConversionError: not a directory, or a backbone that does not fit its config.json.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConversionError(f"{directory} is not a checkpoint directory.")
+    cfg, raw, cfg_name = read_hf_config_bytes(directory)
+    layout = BackboneLayout.from_hf_config(cfg, source=cfg_name)
+    backbone = open_state_dict(directory)
+    layout.check(backbone.shapes(), str(directory))
+    return OurCheckpoint(directory, cfg, raw, layout, backbone, load_adapter(directory, layout))
+
+
+def copy_hmt_files(source: Path, target: Path) -> List[str]:
+    """Copy the HMT files (and the published extras) a converter carries along; returns the
+    names copied."""
+    copied = []
+    for name in (HMT_WEIGHTS, HMT_CONFIG, PUBLISHED_EXTRAS):
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+            copied.append(name)
+    return copied

@@ -15,10 +15,12 @@
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -27,6 +29,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 from torchtune.training.checkpointing._utils import SAFETENSOR_INDEX_FNAME, SHARD_FNAME
+
+log = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
@@ -64,6 +68,25 @@ class HMTCheckpointError(ValueError):
 
 class ConversionError(HMTCheckpointError):
     """A checkpoint that cannot be converted. The message names the file or the key."""
+
+
+@dataclass
+class ConversionResult:
+    """What a converter wrote.
+
+    Attributes:
+        output (Path): the output file or directory.
+        notes (List[str]): decisions the converter made that the user should know about
+            (defaults used, values invented, settings the published code does not have).
+    """
+
+    output: Path
+    notes: List[str] = field(default_factory=list)
+
+    def note(self, message: str) -> None:
+        log.info(message)
+        self.notes.append(message)
+
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -475,6 +498,7 @@ def copy_side_files(source: Path, target: Path, *, skip: Iterable[str] = ()) -> 
 __all__ = [
     "ADAPTER_FILES",
     "ConversionError",
+    "ConversionResult",
     "DEFAULT_MAX_SHARD_SIZE",
     "HMTCheckpointError",
     "PUBLISHED_EXTRAS",

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
+from safetensors.torch import save_file
 from torchtune.modules.peft import get_merged_lora_ckpt
 
 from hmt_plugin.checkpointing.backbone_layout import BackboneLayout
@@ -245,6 +246,21 @@ def tune_adapter_to_peft(
     return out
 
 
+def merged_hf(hf_key: str, tensor: torch.Tensor, adapter: Optional[TuneAdapter], layout: BackboneLayout) -> torch.Tensor:
+    """``tensor`` with its LoRA merged (in torchtune's layout, by torchtune's merge), or as is."""
+    if adapter is None:
+        return tensor
+    converted = layout.hf_to_tune(hf_key, tensor)
+    if converted is None:
+        return tensor
+    tune_key, tune_tensor = converted
+    merged = adapter.merge_into(tune_key, tune_tensor)
+    if merged is tune_tensor:
+        return tensor
+    return layout.tune_to_hf(tune_key, merged)[1]
+
+
+
 # ----------------------------------------------------------------------------- files
 def has_adapter(directory: Path) -> bool:
     return (directory / ADAPTER_PT).is_file() or (directory / ADAPTER_SAFETENSORS).is_file()
@@ -308,6 +324,16 @@ def adapter_files(adapter: TuneAdapter, layout: BackboneLayout) -> Tuple[Dict, D
     return dict(adapter.weights), peft, adapter.config_json()
 
 
+def write_adapter_files(directory: Path, adapter: TuneAdapter, layout: BackboneLayout) -> None:
+    """The adapter files torchtune's HF checkpointer writes for LoRA training."""
+    tune_sd, peft_sd, config = adapter_files(adapter, layout)
+    torch.save(tune_sd, directory / ADAPTER_PT)
+    save_file({k: v.contiguous() for k, v in peft_sd.items()}, str(directory / ADAPTER_SAFETENSORS),
+              metadata={"format": "pt"})
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+
 def _strip(key: str, prefix: str) -> str:
     return key[len(prefix):] if key.startswith(prefix) else key
 
@@ -323,8 +349,10 @@ __all__ = [
     "has_adapter",
     "load_adapter",
     "merge_embedding_lora",
+    "merged_hf",
     "peft_to_tune_adapter",
     "rank_of",
     "split_peft_keys",
     "tune_adapter_to_peft",
+    "write_adapter_files",
 ]
