@@ -340,12 +340,16 @@ class PhaseTimer:
         ("module", "ragged_layout", "masks and positions"),
         ("module", "project", "final norm + output projection"),
         ("module", "_nll", "cross-entropy"),
-        ("reader", "_summaries", "representation pass (rest)"),
-        ("reader", "_remember", "memory cache update"),
+        # HMT's four steps (its public operations), then the recall module inside them.
+        ("hmt", "sensory_memory", "sensory memory"),
+        ("hmt", "summarize", "representation pass (rest)"),
+        ("hmt", "search_memory", "memory search (rest)"),
+        ("hmt", "read_segment", "segment pass (rest)"),
+        ("hmt", "write_memory", "memory write (final norm)"),
+        ("recall", "forward", "memory search (recall attention)"),
         ("recall", "remember", "memory cache update"),
         ("reader", "_finish", "outputs and state assembly"),
         ("hmt", "_row_lengths", "input checks"),
-        ("recall", "forward", "memory search (recall attention)"),
     )
 
     def __init__(self, device: torch.device) -> None:

@@ -376,13 +376,10 @@ class HMTGenerator:
         """(Re)fill the KV cache with ``[P_n; sensory; x_n[:len]]``."""
         prefix, provisional = self._choose_prefix()
         first = self._state.segments_seen[0] == 0
-        k = 0 if first else self._cfg.sensory_tokens_used
-        ids = self._seg[:, : self._len]
-        if k:
-            ids = torch.cat([self._state.sensory.to(ids), ids], dim=1)
-        embeds = embed_tokens(self.decoder, ids)
-        if prefix is not None:
-            embeds = torch.cat([prefix, embeds], dim=1)
+        sensory = None if first else self._state.sensory
+        embeds = self.model.segment_embeddings(
+            prefix, sensory, self._seg[:, : self._len], closed=False
+        )
         self._caches.reset()
         self._last_hidden = self._cached_pass(embeds)[:, -1:]
         self._done = self._len
@@ -392,32 +389,21 @@ class HMTGenerator:
 
     def _choose_prefix(self):
         """``(P_n or None, provisional)`` for the current segment."""
-        cfg, b = self._cfg, self._batch
-        if not cfg.uses_memory:
-            return None, False
-        m = cfg.num_memory_tokens
-        if self._state.segments_seen[0] == 0:
-            return self.model.initial_memory.to(self.dtype).expand(b, m, -1), False
-        if not cfg.uses_recall:
-            return self._state.memory.to(self.dtype), False
-        h = cfg.summary_tokens
-        if self._len >= h:
-            summary, provisional = self._summary(self._seg[:, :h]), False
-        else:
-            summary, provisional = self._summary(self._prev_tail), True
-        st = self._state
-        recalled, _ = self.model.recall(summary, st.cache, st.cache_keys, st.cache_valid)
-        return recalled.to(self.dtype), provisional
+        cfg = self._cfg
+        first = self._state.segments_seen[0] == 0
+        summary, provisional = None, False
+        if cfg.uses_recall and not first:
+            h = cfg.summary_tokens
+            provisional = self._len < h
+            summary = self._summary(self._prev_tail if provisional else self._seg[:, :h])
+        prefix, _ = self.model.search_memory(self._state, summary, first=first, batch=self._batch)
+        return prefix, provisional
 
     def _summary(self, ids: torch.Tensor) -> torch.Tensor:
-        """``[b, m, d]`` final-norm hidden at the trailing probe of ``[mem; ids; mem]`` (the
-        representation pass of training, on one segment)."""
-        m = self._cfg.num_memory_tokens
-        probe = self.model.summary_token.to(self.dtype).expand(ids.shape[0], m, -1)
-        x = torch.cat([probe, embed_tokens(self.decoder, ids), probe], dim=1)
+        """``[b, m, d]`` :meth:`HMT.summarize` of ``ids`` (the representation pass of
+        training, on one segment)."""
         with caches_removed(self.decoder):
-            hidden = run_layers(self.decoder, x)
-        return self.decoder.norm(hidden[:, -m:])
+            return self.model.summarize(ids)
 
     def _cached_pass(self, embeds: torch.Tensor) -> torch.Tensor:
         """The next ``s`` positions through the KV cache; returns their ``[b, s, d]`` hidden
@@ -430,21 +416,15 @@ class HMTGenerator:
         """Write M_n for the full current segment and start an empty one."""
         cfg = self._cfg
         st = self._state
-        memory, cache, keys, valid = st.memory, st.cache, st.cache_keys, st.cache_valid
         if cfg.uses_memory:
-            m = cfg.num_memory_tokens
-            memory = self.decoder.norm(self._cached_pass(self._prefix)[:, -m:])
+            st = self.model.write_memory(self._cached_pass(self._prefix), st)
         if cfg.uses_recall:
-            cache, keys, valid = self.model.recall.remember(memory, cache, keys, valid, cfg.cache_size)
             self._prev_tail = self._seg[:, self._block - cfg.summary_tokens :].clone()
-        k = cfg.sensory_tokens_used
-        self._state = HMTState(
+        self._state = replace(
+            st,
             segments_seen=[n + 1 for n in st.segments_seen],
-            memory=memory,
-            sensory=self._seg[:, self._block - k :].clone() if k else None,
-            cache=cache,
-            cache_keys=keys,
-            cache_valid=valid,
+            # A copy: the segment buffer is overwritten by the next segment.
+            sensory=self.model.sensory_memory(self._seg.clone(), st.sensory),
             last_hidden=self._last_hidden,
         )
         self._len = self._done = 0
