@@ -5,9 +5,9 @@ from hmt_plugin.checkpointing.hf_backbone import (
     COVERED_ARCHITECTURES,
     checkpointer_model_type,
     decoder_from_hf_config,
-    read_hf_config,
 )
 from hmt_plugin.checkpointing.hf_checkpointer import hf_checkpointer, hf_weight_files
+from hmt_plugin.checkpointing.hf_config import read_hf_config
 from hmt_plugin.checkpointing.hmt_files import (
     HMT_CONFIG,
     HMT_WEIGHTS,

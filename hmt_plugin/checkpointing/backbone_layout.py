@@ -16,7 +16,7 @@ import torch
 from torchtune.models import convert_weights
 from torchtune.models.qwen2 import _convert_weights as qwen2_convert
 
-from hmt_plugin.checkpointing.hf_backbone import read_hf_config
+from hmt_plugin.checkpointing.hf_config import read_hf_config
 from hmt_plugin.checkpointing.io import ConversionError
 
 COVERED_MODEL_TYPES = ("llama", "mistral", "qwen2")

@@ -6,9 +6,7 @@ Every architecture goes through torchtune's own component builders (``llama3``,
 this module only maps ``config.json`` fields to their arguments and refuses what they cannot
 express, naming the field."""
 
-import json
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from torchtune.models.gemma import gemma, lora_gemma
 from torchtune.models.gemma2 import gemma2, lora_gemma2
@@ -18,10 +16,12 @@ from torchtune.models.mistral import lora_mistral, mistral
 from torchtune.models.qwen2 import lora_qwen2, qwen2
 from torchtune.modules import TiedLinear, TransformerDecoder
 
-from hmt_plugin.checkpointing.io import ConversionError
-
-HFConfigSource = Union[str, Path, Mapping[str, Any]]
-HF_CONFIG = "config.json"
+from hmt_plugin.checkpointing.hf_config import (
+    HFConfigSource,
+    read_hf_config,
+    rope_scaling_of,
+    rope_theta_of,
+)
 
 # HF ``model_type`` -> torchtune checkpointer ``model_type`` (which picks the key converter).
 CHECKPOINTER_MODEL_TYPES = {
@@ -35,62 +35,6 @@ CHECKPOINTER_MODEL_TYPES = {
 # Llama-3 RoPE scaling as torchtune's ``llama3_1`` builder fixes it (only the factor varies).
 _LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192}
-
-
-def read_hf_config(source: HFConfigSource) -> Dict[str, Any]:
-    """``config.json`` as a dict, from a dict, the file, or the checkpoint directory."""
-    if isinstance(source, Mapping):
-        return dict(source)
-    path = Path(source)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no config.json at {path}: point at a Hugging Face checkpoint directory."
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); the checkpoint is damaged.") from err
-
-
-def read_hf_config_bytes(source: HFConfigSource) -> Tuple[Dict[str, Any], bytes, str]:
-    """``config.json`` as (dict, the exact bytes to write, a name for messages); a file is
-    copied byte for byte so round trips leave it unchanged."""
-    if isinstance(source, Mapping):
-        return dict(source), json.dumps(dict(source), indent=2).encode(), "the given HF config"
-    path = Path(source)
-    if path.is_dir():
-        path = path / HF_CONFIG
-    if not path.is_file():
-        raise ConversionError(
-            f"no config.json at {path}: give the HF config.json of the backbone (the published "
-            "checkpoints do not carry it; it is the one of --model_name)."
-        )
-    raw = path.read_bytes()
-    try:
-        return json.loads(raw), raw, str(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConversionError(f"{path} is not valid JSON ({err}).") from err
-
-
-def rope_theta_of(config: Mapping[str, Any], default: float = 10_000.0) -> float:
-    """RoPE base: transformers 4 writes ``rope_theta``, transformers 5 ``rope_parameters``."""
-    if config.get("rope_theta") is not None:
-        return float(config["rope_theta"])
-    params = config.get("rope_parameters") or {}
-    return float(params.get("rope_theta", default))
-
-
-def rope_scaling_of(config: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
-    """The RoPE scaling of a config with its type under ``rope_type``, or None for plain RoPE
-    (transformers 4: ``rope_scaling`` with ``rope_type`` or ``type``; 5: ``rope_parameters``)."""
-    scaling = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
-        return None
-    scaling["rope_type"] = kind
-    return scaling
 
 
 def checkpointer_model_type(source: HFConfigSource) -> str:

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from hmt_plugin.checkpointing.backbone_layout import BackboneLayout
-from hmt_plugin.checkpointing.hf_backbone import read_hf_config_bytes
+from hmt_plugin.checkpointing.hf_config import GIVE_THE_BACKBONE_CONFIG, read_hf_config_file
 from hmt_plugin.checkpointing.io import (
     HMT_WEIGHTS,
     PUBLISHED_EXTRAS,
@@ -174,11 +174,11 @@ def open_our_checkpoint(directory: PathLike) -> OurCheckpoint:
     directory = Path(directory)
     if not directory.is_dir():
         raise ConversionError(f"{directory} is not a checkpoint directory.")
-    cfg, raw, cfg_name = read_hf_config_bytes(directory)
-    layout = BackboneLayout.from_hf_config(cfg, source=cfg_name)
+    hf = read_hf_config_file(directory, hint=GIVE_THE_BACKBONE_CONFIG)
+    layout = BackboneLayout.from_hf_config(hf.values, source=hf.name)
     backbone = open_state_dict(directory)
     layout.check(backbone.shapes(), str(directory))
-    return OurCheckpoint(directory, cfg, raw, layout, backbone, load_adapter(directory, layout))
+    return OurCheckpoint(directory, hf.values, hf.raw, layout, backbone, load_adapter(directory, layout))
 
 
 def copy_hmt_files(source: Path, target: Path) -> List[str]:

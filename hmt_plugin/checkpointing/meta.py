@@ -13,7 +13,13 @@ import torch
 from torchtune.models import convert_weights
 
 from hmt_plugin.checkpointing.backbone_layout import BackboneLayout
-from hmt_plugin.checkpointing.hf_backbone import HF_CONFIG, read_hf_config_bytes, rope_theta_of
+from hmt_plugin.checkpointing.hf_config import (
+    GIVE_THE_BACKBONE_CONFIG,
+    HF_CONFIG,
+    HFConfigFile,
+    read_hf_config_file,
+    rope_theta_of,
+)
 from hmt_plugin.checkpointing.hmt_files import HMT_CONFIG, copy_hmt_files, open_our_checkpoint
 from hmt_plugin.checkpointing.io import (
     ADAPTER_PT,
@@ -218,7 +224,7 @@ def convert_from_meta(
     if hf_config is None and (folder / HF_CONFIG).is_file():
         hf_config = folder / HF_CONFIG
     if hf_config is not None:
-        cfg, cfg_bytes, cfg_name = read_hf_config_bytes(hf_config)
+        hf = read_hf_config_file(hf_config, hint=GIVE_THE_BACKBONE_CONFIG)
     else:
         params_path = folder / META_PARAMS
         if not params_path.is_file():
@@ -229,9 +235,9 @@ def convert_from_meta(
             raise ConversionError(f"{params_path} is not valid JSON ({err}).") from err
         dtype = source.dtype("tok_embeddings.weight") if "tok_embeddings.weight" in source else torch.float32
         cfg = hf_config_from_meta(params, source.shapes(), dtype, max_seq_len)
-        cfg_bytes, cfg_name = json.dumps(cfg, indent=2).encode(), f"config derived from {params_path}"
+        hf = HFConfigFile(cfg, json.dumps(cfg, indent=2).encode(), f"config derived from {params_path}")
         result.note(f"config.json derived from {params_path} and the tensor shapes.")
-    layout = BackboneLayout.from_hf_config(cfg, source=cfg_name)
+    layout = BackboneLayout.from_hf_config(hf.values, source=hf.name)
     _require_llama(layout)
     names = {k: _meta_to_hf_key(k, layout, weights) for k in source.keys()}
     names = {k: v for k, v in names.items() if v is not None}
@@ -246,7 +252,7 @@ def convert_from_meta(
             tune_key, tensor = next(iter(tune.items()))
             writer.add(*layout.tune_to_hf(tune_key, tensor))
         writer.close()
-        (stage / HF_CONFIG).write_bytes(cfg_bytes)
+        (stage / HF_CONFIG).write_bytes(hf.raw)
         copy_side_files(folder, stage, skip=(META_PARAMS, HF_CONFIG))
         copy_hmt_files(folder, stage)
         for name in (ADAPTER_PT, ADAPTER_SAFETENSORS):

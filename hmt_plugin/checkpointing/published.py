@@ -21,11 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 from hmt_plugin.checkpointing.backbone_layout import BackboneLayout
-from hmt_plugin.checkpointing.hf_backbone import (
-    CHECKPOINTER_MODEL_TYPES,
-    HF_CONFIG,
-    read_hf_config_bytes,
-)
+from hmt_plugin.checkpointing.hf_backbone import CHECKPOINTER_MODEL_TYPES
+from hmt_plugin.checkpointing.hf_config import HF_CONFIG, GIVE_THE_BACKBONE_CONFIG, read_hf_config_file
 from hmt_plugin.checkpointing.hmt_files import (
     RECALL_PARAMS,
     load_hmt_checkpoint,
@@ -560,8 +557,8 @@ def convert_from_reference(
                 "config.json of the backbone (--hf_config)."
             )
         hf_config = args["hf_config"]
-    cfg, cfg_bytes, cfg_name = read_hf_config_bytes(hf_config)
-    layout = BackboneLayout.from_hf_config(cfg, source=cfg_name)
+    hf = read_hf_config_file(hf_config, hint=GIVE_THE_BACKBONE_CONFIG)
+    layout = BackboneLayout.from_hf_config(hf.values, source=hf.name)
     source = open_state_dict(checkpoint)
     where = str(checkpoint)
     parts = _sort_published_keys(source, where)
@@ -625,14 +622,14 @@ def convert_from_reference(
                 tensor = merge_embedding_lora(tensor, source.get(pair["A"]), source.get(pair["B"]), pair["alpha"])
             writer.add(hf_key, tensor)
         writer.close()
-        (stage / HF_CONFIG).write_bytes(cfg_bytes)
+        (stage / HF_CONFIG).write_bytes(hf.raw)
         save_hmt_checkpoint(stage, {n: source.get(k) for n, k in parts.hmt.items()}, config, extra)
         if parts.extras:
             save_file({k: source.get(v).contiguous() for k, v in parts.extras.items()},
                       str(stage / PUBLISHED_EXTRAS), metadata={"format": "pt"})
         if adapter is not None and merge is None:
             write_adapter_files(stage, adapter, layout)
-    result.note(f"wrote {result.output} (backbone {layout.model_type} from {cfg_name}, HMT mode {config.mode!r}).")
+    result.note(f"wrote {result.output} (backbone {layout.model_type} from {hf.name}, HMT mode {config.mode!r}).")
     return result
 
 
