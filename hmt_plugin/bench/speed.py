@@ -338,8 +338,8 @@ class PhaseTimer:
         ("module", "run_layers", "backbone layers"),
         ("module", "embed_tokens", "token embedding"),
         ("module", "ragged_layout", "masks and positions"),
-        ("module", "project", "final norm + output projection"),
-        ("module", "_nll", "cross-entropy"),
+        ("outputs", "project", "final norm + output projection"),
+        ("outputs", "_nll", "cross-entropy"),
         # HMT's four steps (its public operations), then the recall module inside them.
         ("hmt", "sensory_memory", "sensory memory"),
         ("hmt", "summarize", "representation pass (rest)"),
@@ -348,8 +348,11 @@ class PhaseTimer:
         ("hmt", "write_memory", "memory write (final norm)"),
         ("recall", "forward", "memory search (recall attention)"),
         ("recall", "remember", "memory cache update"),
-        ("reader", "_finish", "outputs and state assembly"),
-        ("hmt", "_row_lengths", "input checks"),
+        # Around the steps: input checks, streaming bookkeeping, output assembly.
+        ("module", "validate_inputs", "input checks"),
+        ("module", "merge_pending", "pending tokens and segment plan"),
+        ("module", "final_state", "outputs and state assembly"),
+        ("heads", "result", "outputs and state assembly"),
     )
 
     def __init__(self, device: torch.device) -> None:
@@ -393,11 +396,13 @@ class PhaseTimer:
 
     def __enter__(self) -> "PhaseTimer":
         import hmt_plugin.modules.hmt as hmt_module
+        import hmt_plugin.modules.outputs as outputs_module
         from hmt_plugin.modules.recall import MemoryRecall
 
         owners = {
             "module": hmt_module,
-            "reader": hmt_module._Reader,
+            "outputs": outputs_module,
+            "heads": outputs_module.SegmentOutputs,
             "hmt": HMT,
             "recall": MemoryRecall,
         }

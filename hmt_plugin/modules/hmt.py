@@ -1,85 +1,45 @@
 """The Hierarchical Memory Transformer wrapper (He et al., NAACL 2025, arXiv 2405.06067)."""
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchtune.data import CROSS_ENTROPY_IGNORE_IDX
 from torchtune.modules import TransformerDecoder
 
-from hmt_plugin.modules.backbone import (
-    drive_decoder,
-    embed_dim_of,
-    embed_tokens,
-    project,
-    run_layers,
-    vocab_size_of,
-)
+from hmt_plugin.modules.backbone import drive_decoder, embed_dim_of, embed_tokens, run_layers
 from hmt_plugin.modules.hmt_config import HMTConfig, HMTConfigError
 from hmt_plugin.modules.layout import ragged_layout
+from hmt_plugin.modules.outputs import HMTOutput, LogitsPolicy, SegmentOutputs
 from hmt_plugin.modules.recall import MemoryRecall
 from hmt_plugin.modules.segment_checkpoint import maybe_checkpoint, maybe_checkpoint_rows
 from hmt_plugin.modules.state import HMTState
+from hmt_plugin.modules.streaming import StreamRows, final_state, merge_pending, starts_fresh
+from hmt_plugin.modules.validation import validate_inputs
 
-LogitsPolicy = Union[str, int]
-
-
-@dataclass
-class HMTOutput:
-    """What one :class:`HMT` call returns.
-
-    Attributes:
-        logits (Optional[torch.Tensor]): ``[b, t_k, v]`` float32 logits of the input positions
-            ``logits_start .. t-1`` (all of them, the last ``k`` segments', or None, as asked).
-        logits_start (int): input position of ``logits[:, 0]``.
-        nll (Optional[torch.Tensor]): ``[b, t]`` float32, ``-log p(labels[:, j] | everything
-            before j)`` where labels are given and not ignored, else 0. Position 0 of a
-            continued document is predicted from the previous call's last token.
-        memories (Optional[torch.Tensor]): ``[b, s, m, d]`` memory embedding M_n written by
-            each segment of this call (None in ``baseline`` mode).
-        summaries (Optional[torch.Tensor]): ``[b, s, m, d]`` segment summaries S_n, the recall
-            queries (``hmt`` mode only).
-        recall_scores (Optional[torch.Tensor]): ``[b, s, m, cache_size]`` float32 recall
-            weights, right-aligned: index ``-j`` is the memory written ``j`` memory vectors
-            before the segment (``hmt`` mode; zeros where nothing was recalled).
-        state (HMTState): pass to the next call to continue the same documents.
-    """
-
-    logits: Optional[torch.Tensor]
-    logits_start: int
-    nll: Optional[torch.Tensor]
-    memories: Optional[torch.Tensor]
-    summaries: Optional[torch.Tensor]
-    recall_scores: Optional[torch.Tensor]
-    state: HMTState
-
-    def recall_distance(self, num_memory_tokens: int = 1) -> Optional[torch.Tensor]:
-        """``[b, s]`` how many segments back each segment's strongest recall looks (the
-        paper's Figure 11, the published code's "hist"); -1 where nothing was recalled."""
-        if self.recall_scores is None:
-            return None
-        scores = self.recall_scores[:, :, 0]
-        n = scores.shape[-1]
-        vectors_back = n - scores.argmax(dim=-1)
-        segments_back = (vectors_back + num_memory_tokens - 1) // num_memory_tokens
-        return torch.where(scores.sum(-1) > 0, segments_back, torch.full_like(segments_back, -1))
+__all__ = ["HMT", "HMTOutput"]
 
 
 class HMT(nn.Module):
     """Hierarchical Memory Transformer around a torchtune ``TransformerDecoder``.
 
-    A document is read in segments of ``config.tokens_per_segment`` new tokens. For segment n:
+    A document is read in segments of ``config.tokens_per_segment`` new tokens. For segment n,
+    the paper's four steps, each a public method (:meth:`forward`, the generator and the speed
+    profiler all read through them):
 
-    1. representation encoding: S_n = final-norm hidden state at the end of the backbone run
-       on ``[mem; first summary_tokens of x_n; mem]`` (all segments in one batched call);
-    2. memory search: P_n = softmax(q(S_n) k(C)^T / scale) C over the cache C of the last
-       ``cache_size`` memory embeddings (the learnable ``initial_memory`` for the first segment);
-    3. memory recall: the backbone reads ``[P_n; sensory; x_n; P_n]`` (sensory = the last
-       ``num_sensory`` tokens of segment n-1), giving the logits of x_n and the new memory
-       M_n = final-norm hidden state of the last position, which joins the cache.
+    1. sensory memory (:meth:`sensory_memory`): the last ``num_sensory`` tokens of segment
+       n-1, read again in front of x_n;
+    2. representation encoding (:meth:`summarize`): S_n = final-norm hidden state at the end
+       of the backbone run on ``[mem; first summary_tokens of x_n; mem]`` (all segments of a
+       call in one batched call);
+    3. memory search (:meth:`search_memory`): P_n = softmax(q(S_n) k(C)^T / scale) C over the
+       cache C of the last ``cache_size`` memory embeddings (the learnable ``initial_memory``
+       for the first segment);
+    4. memory recall and write (:meth:`read_segment`, :meth:`write_memory`): the backbone reads
+       ``[P_n; sensory; x_n; P_n]``, giving the logits of x_n and the new memory M_n =
+       final-norm hidden state of the last position, which joins the cache.
 
     ``rmt`` and ``hmt_stage1`` carry M_{n-1} directly as P_n (without / with sensory tokens),
     ``baseline`` runs the backbone on each segment alone.
@@ -201,7 +161,6 @@ class HMT(nn.Module):
         self.config = new
 
     # ------------------------------------------------------------------ the four steps
-    # forward, the generator and the speed profiler all read a segment through these.
     def sensory_memory(
         self, segment: torch.Tensor, previous: Optional[torch.Tensor] = None
     ) -> Optional[torch.Tensor]:
@@ -416,263 +375,86 @@ class HMT(nn.Module):
         Returns:
             HMTOutput
         """
-        if loss_scope not in ("all", "last"):
-            raise ValueError(f"loss_scope={loss_scope!r}: use 'all' or 'last'.")
-        if outputs not in ("all", "loss"):
-            raise ValueError(
-                f"outputs={outputs!r}: use 'all' (every target's NLL, every summary) or 'loss' "
-                "(only what the loss needs)."
-            )
-        if not (logits in ("all", "none") or (isinstance(logits, int) and logits >= 0)):
-            raise ValueError(f"logits={logits!r}: use 'all', 'none' or a number of segments.")
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must be [batch, length]; got shape {tuple(tokens.shape)}.")
-        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-            raise ValueError(
-                f"tokens must be integer token ids (torch.long); got dtype {tokens.dtype}."
-            )
-        batch = tokens.shape[0]
-        if labels is not None and labels.shape != tokens.shape:
-            raise ValueError(
-                f"labels shape {tuple(labels.shape)} differs from tokens {tuple(tokens.shape)}; "
-                "give one label per token, unshifted (normally the tokens themselves, with -100 "
-                "where no loss is wanted)."
-            )
-        if self.backbone.caches_are_setup() and self.backbone.caches_are_enabled():
-            raise RuntimeError(
-                "the backbone has torchtune KV caches set up and enabled; HMT.forward reads "
-                "segments without them. Use hmt_plugin.generation.HMTGenerator for cached "
-                "decoding, or wrap the call in torchtune's disable_kv_cache(model.backbone)."
-            )
-        lengths = self._row_lengths(tokens, mask, seq_lens, labels)
-        if state is None:
-            state = HMTState(segments_seen=[0] * batch)
-        elif state.batch_size != batch:
-            raise ValueError(
-                f"state is for {state.batch_size} rows but tokens have {batch}; pass the state "
-                "of a call on the same batch of documents."
-            )
-        reader = _Reader(self, tokens, labels, lengths, state, logits, loss_scope)
-        reader.all_outputs = outputs == "all"
-        reader.checkpoint = bool(checkpoint_segments)
-        return reader.run()
+        lengths, state = validate_inputs(
+            self.backbone, tokens, mask=mask, seq_lens=seq_lens, labels=labels, state=state,
+            logits=logits, loss_scope=loss_scope, outputs=outputs,
+        )
+        rows = merge_pending(tokens, labels, lengths, state, self.config.tokens_per_segment)
+        heads = SegmentOutputs(
+            self.backbone, rows, logits_policy=logits, loss_scope=loss_scope,
+            all_outputs=outputs == "all", checkpoint=bool(checkpoint_segments),
+        )
+        return self._read(rows, state, heads)
 
-    def _row_lengths(
-        self,
-        tokens: torch.Tensor,
-        mask: Optional[torch.Tensor],
-        seq_lens: Optional[Union[torch.Tensor, Sequence[int]]],
-        labels: Optional[torch.Tensor] = None,
-    ) -> List[int]:
-        """Real tokens per row, checked along with the token ids and labels in one device
-        sync."""
-        batch, width = tokens.shape
-        vocab = vocab_size_of(self.backbone)
-        ar = torch.arange(width, device=tokens.device)
-        checks = []
-        if seq_lens is not None:
-            lengths = [int(x) for x in (seq_lens.tolist() if torch.is_tensor(seq_lens) else seq_lens)]
-            if len(lengths) != batch or any(not 0 <= n <= width for n in lengths):
-                raise ValueError(
-                    f"seq_lens={lengths} must give one length in [0, {width}] per row."
-                )
-            real = ar[None, :] < torch.tensor(lengths, device=tokens.device)[:, None]
-        elif mask is not None:
-            if mask.shape != tokens.shape:
-                raise ValueError(
-                    f"mask shape {tuple(mask.shape)} differs from tokens {tuple(tokens.shape)}; "
-                    "give one True/False per token (or seq_lens)."
-                )
-            real = mask.to(torch.bool)
-            counts = real.sum(dim=1)
-            prefix = ar[None, :] < counts[:, None]
-            checks = [counts, (prefix != real).any()[None].long()]
-            lengths = None
-        else:
-            real = None
-            lengths = [width] * batch
-        bad = (tokens < 0) | (tokens >= vocab)
-        if real is not None:
-            bad &= real
-        if labels is not None:
-            # Cross-entropy reports a bad target as a bare "out of bounds" (on CUDA, as a
-            # device-side assert); -1, another framework's ignore index, is the usual culprit.
-            wrong = (labels != CROSS_ENTROPY_IGNORE_IDX) & ((labels < 0) | (labels >= vocab))
-            if real is not None:
-                wrong &= real
-            checks.append(wrong.any()[None].long())
-        checks.append(bad.any()[None].long())
-        values = torch.cat(checks).tolist()
-        if values[-1]:
-            raise ValueError(
-                f"tokens hold ids outside the backbone's vocabulary [0, {vocab}); check that the "
-                "tokenizer matches the model (vocab_size) and that padding is masked."
-            )
-        if labels is not None and values[-2]:
-            found = labels[wrong]
-            raise ValueError(
-                f"labels hold {found[0].item()}, outside the backbone's vocabulary [0, {vocab}); "
-                f"mark positions without a target with {CROSS_ENTROPY_IGNORE_IDX} "
-                "(CROSS_ENTROPY_IGNORE_IDX) and check that the labels come from the model's "
-                "tokenizer."
-            )
-        if lengths is None:
-            lengths = values[:batch]
-            if values[batch]:
-                raise ValueError(
-                    "mask must be True on a prefix of each row (right padding); got holes or "
-                    "left padding."
-                )
-        return lengths
-
-
-class _Reader:
-    """One :meth:`HMT.forward` call: plans the segments on the host from the row lengths (so
-    no step needs to wait for the device), then runs the batched representation pass and
-    the sequential recall passes."""
-
-    def __init__(
-        self,
-        model: HMT,
-        tokens: torch.Tensor,
-        labels: Optional[torch.Tensor],
-        lengths: List[int],
-        state: HMTState,
-        logits_policy: LogitsPolicy,
-        loss_scope: str,
-    ) -> None:
-        self.model = model
-        self.cfg = model.config
-        self.decoder = model.backbone
-        self.device = tokens.device
-        self.batch = tokens.shape[0]
-        self.new_width = tokens.shape[1]
-        self.logits_policy = logits_policy
-        self.loss_scope = loss_scope
-        # Set by HMT.forward (its ``outputs`` and ``checkpoint_segments``).
-        self.all_outputs = True
-        self.checkpoint = False
-        self.state_in = state
-        self.block = self.cfg.tokens_per_segment
-        self._merge_pending(tokens, labels, lengths)
-
-    # ------------------------------------------------------------------ planning
-    def _merge_pending(
-        self, tokens: torch.Tensor, labels: Optional[torch.Tensor], lengths: List[int]
-    ) -> None:
-        """Put the unfinished segment of the previous call in front of each continued row.
-
-        Rows without new tokens are left as they are (their state passes through)."""
-        st = self.state_in
-        active = [n > 0 for n in lengths]
-        pend = st.pending_lengths if st.pending is not None else [0] * self.batch
-        pend = [p if a else 0 for p, a in zip(pend, active)]
-        self.active = active
-        self.offsets = pend
-        self.lengths = [p + n if a else 0 for p, n, a in zip(pend, lengths, active)]
-        fill = CROSS_ENTROPY_IGNORE_IDX
-        if labels is None:
-            targets = None
-        else:
-            real = torch.tensor(lengths, device=self.device)[:, None] > torch.arange(
-                self.new_width, device=self.device
-            )
-            targets = labels.masked_fill(~real, fill)
-        active_pend = {p for p, a in zip(pend, active) if a}
-        if max(pend) == 0:
-            self.tokens, self.targets = tokens, targets
-        elif len(active_pend) == 1:
-            p = active_pend.pop()
-            self.tokens = torch.cat([st.pending[:, :p].to(tokens), tokens], dim=1)
-            self.targets = None if targets is None else F.pad(targets, (p, 0), value=fill)
-            self.offsets = [p] * self.batch
-        else:
-            width = max(pend) + self.new_width
-            rows, trows = [], []
-            for b in range(self.batch):
-                row = torch.cat([st.pending[b, : pend[b]].to(tokens), tokens[b]])
-                rows.append(F.pad(row, (0, width - row.numel())))
-                if targets is not None:
-                    trows.append(F.pad(targets[b], (pend[b], width - row.numel()), value=fill))
-            self.tokens = torch.stack(rows)
-            self.targets = torch.stack(trows) if targets is not None else None
-        self.width = self.tokens.shape[1]
-        self.n_segments = -(-self.width // self.block) if self.width else 0
-        self.widths = [
-            min(self.block, self.width - n * self.block) for n in range(self.n_segments)
-        ]
-        self.seg_lens = [
-            [max(0, min(w, length - n * self.block)) for length in self.lengths]
-            for n, w in enumerate(self.widths)
-        ]
-
-    def _check_stages(self) -> bool:
-        """True when the active rows start fresh (no complete segment read yet)."""
-        seen = [s for s, a in zip(self.state_in.segments_seen, self.active) if a]
-        fresh = [s == 0 for s in seen]
-        if any(fresh) and not all(fresh):
-            raise ValueError(
-                "this batch mixes documents that start fresh with documents continued from a "
-                "state; read them in separate calls (or align their starts)."
-            )
-        return all(fresh)
-
-    # ------------------------------------------------------------------ the read
-    def run(self) -> HMTOutput:
-        model, cfg = self.model, self.cfg
-        fresh = self._check_stages()
-        if self.n_segments == 0:
-            return self._finish([], [], [], [], self._first_target_nll(None), None, {-1: self.state_in})
-        # A fresh document's first segment starts from initial_memory: its summary is only
-        # an output, computed unless the caller asked for the loss alone.
-        skip = 1 if fresh and not self.all_outputs else 0
-        summaries = self._summaries(skip) if cfg.uses_recall else None
-        carry = self._carried_state()
-        memories, scores_out, logits_out, nll_pred, snaps = [], [], [], [], {}
-        snap_rows = self._snapshot_rows()
-        if -1 in snap_rows:
-            snaps[-1] = self.state_in
-        nll_first = self._first_target_nll(carry.last_hidden)
-
-        for n in range(self.n_segments):
-            x = self.tokens[:, n * self.block : n * self.block + self.widths[n]]
-            first = fresh and n == 0
+    def _read(self, rows: StreamRows, state: HMTState, heads: SegmentOutputs) -> HMTOutput:
+        """The segment loop: the batched representation pass, then segment by segment."""
+        cfg, checkpoint = self.config, heads.checkpoint
+        fresh = starts_fresh(rows, state)
+        summaries = None
+        if cfg.uses_recall and rows.n_segments:
+            # A fresh document's first segment starts from initial_memory: its summary is
+            # only an output, computed unless the caller asked for the loss alone.
+            skip = 1 if fresh and not heads.all_outputs else 0
+            summaries = self._summaries(rows, skip, checkpoint)
+        carry = self._carried_state(state)
+        heads.first_target(carry.last_hidden if rows.n_segments else None, state)
+        # Rows end in different segments: keep the state after each row's last complete one.
+        snap_rows = rows.snapshot_rows()
+        snaps = {-1: state} if -1 in snap_rows else {}
+        memories, scores = [], []
+        for n in range(rows.n_segments):
+            x, first = rows.segment(n), fresh and n == 0
             summary = None if summaries is None else summaries[:, n]
-            prefix, scores = model.search_memory(carry, summary, first=first, batch=self.batch)
-            token_hidden, closing = model.read_segment(
-                prefix, None if first else carry.sensory, x, self.seg_lens[n],
-                checkpoint=self.checkpoint,
+            prefix, recalled = self.search_memory(carry, summary, first=first, batch=rows.batch)
+            token_hidden, closing = self.read_segment(
+                prefix, None if first else carry.sensory, x, rows.seg_lens[n], checkpoint=checkpoint
             )
-            self._outputs(n, token_hidden, logits_out, nll_pred)
+            heads.add(n, token_hidden)
             if cfg.uses_memory:
-                carry = model.write_memory(closing, carry)
+                carry = self.write_memory(closing, carry)
                 memories.append(carry.memory)
             if cfg.uses_recall:
-                scores_out.append(scores)
+                scores.append(recalled)
             carry = replace(
-                carry, sensory=model.sensory_memory(x, carry.sensory), last_hidden=token_hidden[:, -1:]
+                carry, sensory=self.sensory_memory(x, carry.sensory), last_hidden=token_hidden[:, -1:]
             )
             if (n + 1) % cfg.bptt_depth == 0:
                 carry = self._truncated(carry)
             if n in snap_rows:
                 snaps[n] = carry
-        return self._finish(memories, scores_out, logits_out, nll_pred, nll_first, summaries, snaps)
+        return heads.result(cfg, memories, scores, summaries, final_state(rows, state, snaps))
 
-    def _carried_state(self) -> HMTState:
+    def _summaries(self, rows: StreamRows, skip: int, checkpoint: bool) -> torch.Tensor:
+        """:meth:`summarize` of every segment (but the first ``skip``, returned as zeros) in
+        one batched backbone call: ``[b, s, m, d]``."""
+        b, s, m = rows.batch, rows.n_segments, self.config.num_memory_tokens
+        h = self.config.summary_tokens
+        zeros = torch.zeros(
+            b, skip, m, embed_dim_of(self.backbone), dtype=self._dtype(), device=rows.tokens.device
+        )
+        read = s - skip
+        if read == 0:
+            return zeros
+        grid = F.pad(rows.tokens, (0, s * rows.block - rows.width)).view(b, s, rows.block)
+        ids = grid[:, skip:, :h].reshape(b * read, h)
+        real = [min(h, rows.seg_lens[n][row]) for row in range(b) for n in range(skip, s)]
+        out = self.summarize(ids, real, checkpoint_rows=b if checkpoint else None).view(b, read, m, -1)
+        return torch.cat([zeros.to(out.dtype), out], dim=1) if skip else out
+
+    def _carried_state(self, state: HMTState) -> HMTState:
         """The incoming state as the loop carries it (memory, sensory, cache, last hidden)."""
-        st = self.state_in
-        keys = st.cache_keys
-        if st.cache is not None and torch.is_grad_enabled():
+        keys = state.cache_keys
+        if state.cache is not None and torch.is_grad_enabled():
             # The state is detached; keys projected again keep the key projection's gradient.
-            keys = self.model.recall.keys(st.cache)
+            keys = self.recall.keys(state.cache)
         return HMTState(
-            segments_seen=st.segments_seen,
-            memory=st.memory,
-            sensory=st.sensory,
-            cache=st.cache,
+            segments_seen=state.segments_seen,
+            memory=state.memory,
+            sensory=state.sensory,
+            cache=state.cache,
             cache_keys=keys,
-            cache_valid=st.cache_valid,
-            last_hidden=st.last_hidden,
+            cache_valid=state.cache_valid,
+            last_hidden=state.last_hidden,
         )
 
     def _truncated(self, carry: HMTState) -> HMTState:
@@ -684,257 +466,5 @@ class _Reader:
         cache, keys = carry.cache, carry.cache_keys
         if cache is not None:
             cache = cache.detach()
-            keys = self.model.recall.keys(cache) if torch.is_grad_enabled() else keys.detach()
+            keys = self.recall.keys(cache) if torch.is_grad_enabled() else keys.detach()
         return replace(carry, memory=memory, cache=cache, cache_keys=keys)
-
-    def _summaries(self, skip: int = 0) -> torch.Tensor:
-        """:meth:`HMT.summarize` of every segment (but the first ``skip``, returned as zeros)
-        in one batched backbone call: ``[b, s, m, d]``."""
-        b, s, m = self.batch, self.n_segments, self.cfg.num_memory_tokens
-        h = self.cfg.summary_tokens
-        dtype = self.decoder.tok_embeddings.weight.dtype
-        zeros = torch.zeros(b, skip, m, embed_dim_of(self.decoder), dtype=dtype, device=self.device)
-        read = s - skip
-        if read == 0:
-            return zeros
-        grid = F.pad(self.tokens, (0, s * self.block - self.width)).view(b, s, self.block)
-        ids = grid[:, skip:, :h].reshape(b * read, h)
-        real = [min(h, self.seg_lens[n][row]) for row in range(b) for n in range(skip, s)]
-        rows = b if self.checkpoint else None
-        out = self.model.summarize(ids, real, checkpoint_rows=rows).view(b, read, m, -1)
-        return torch.cat([zeros.to(out.dtype), out], dim=1) if skip else out
-
-    # ------------------------------------------------------------------ outputs
-    def _kept(self, n: int) -> bool:
-        policy = self.logits_policy
-        if policy == "all":
-            return True
-        if policy == "none":
-            return False
-        return n >= self.n_segments - policy
-
-    def _last_segment(self) -> List[int]:
-        return [(length - 1) // self.block if length else -1 for length in self.lengths]
-
-    def _outputs(self, n, token_hidden, logits_out, nll_pred) -> None:
-        """Logits (if kept) and next-token NLL of segment n's positions, without building a
-        graph for positions no loss needs."""
-        keep = self._kept(n)
-        if not keep and self.targets is None:
-            return
-        start, w = n * self.block, token_hidden.shape[1]
-        targets = None
-        if self.targets is not None:
-            nxt = self.targets[:, start + 1 : start + w + 1]
-            targets = F.pad(nxt, (0, w - nxt.shape[1]), value=CROSS_ENTROPY_IGNORE_IDX)
-        if keep:
-            logits = project(self.decoder, token_hidden)
-            logits_out.append(logits)
-            if targets is not None:
-                nll_pred.append(_nll(logits, targets))
-            return
-        # Positions loss_from.. predict a target of the loss (a row's last segment starts at
-        # n or n+1: the last position of segment n predicts the first target of n+1).
-        loss_from = w
-        if self.loss_scope == "all":
-            loss_from = 0
-        else:
-            for last in self._last_segment():
-                if last == n:
-                    loss_from = 0
-                elif last == n + 1:
-                    loss_from = min(loss_from, w - 1)
-        parts = []
-        if loss_from > 0:
-            if self.all_outputs:
-                with torch.no_grad():  # for logging only: no graph
-                    parts.append(_nll(project(self.decoder, token_hidden[:, :loss_from]), targets[:, :loss_from]))
-            else:
-                parts.append(token_hidden.new_zeros(self.batch, loss_from, dtype=torch.float32))
-        if loss_from < w:
-            parts.append(
-                maybe_checkpoint(self.checkpoint, _projected_nll, self.decoder,
-                                 token_hidden[:, loss_from:], targets[:, loss_from:])
-            )
-        nll_pred.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
-
-    def _first_target_nll(self, last_hidden: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """``[b, 1]`` NLL of each row's first target, predicted by the previous call's last
-        token (0 for documents that start here)."""
-        if self.targets is None:
-            return None
-        if last_hidden is None:
-            return torch.zeros(self.batch, 1, device=self.device)
-        continued = torch.tensor(
-            [s > 0 for s in self.state_in.segments_seen], device=self.device
-        )[:, None]
-        first = self.targets[:, :1].masked_fill(~continued, CROSS_ENTROPY_IGNORE_IDX)
-        return _nll(project(self.decoder, last_hidden), first)
-
-    def _snapshot_rows(self) -> Dict[int, List[int]]:
-        """Segment after which each row's state is final: its last complete segment (-1: the
-        incoming state). A trailing partial segment becomes ``pending`` instead."""
-        rows: Dict[int, List[int]] = {}
-        for b, (length, active) in enumerate(zip(self.lengths, self.active)):
-            at = length // self.block - 1 if active else -1
-            rows.setdefault(at, []).append(b)
-        return rows
-
-    def _finish(self, memories, scores, logits_out, nll_pred, nll_first, summaries, snaps) -> HMTOutput:
-        b = self.batch
-        cfg = self.cfg
-        state = self._final_state(snaps)
-        mem = torch.stack(memories, dim=1) if memories else None
-        rec = None
-        if cfg.uses_recall and memories:
-            n_slots = cfg.cache_size
-            padded = []
-            for s in scores:
-                if s is None:
-                    padded.append(torch.zeros(b, cfg.num_memory_tokens, n_slots, device=self.device))
-                else:
-                    padded.append(F.pad(s, (n_slots - s.shape[-1], 0)))
-            rec = torch.stack(padded, dim=1)
-        logits, logits_start = None, self.new_width
-        if logits_out:
-            combined = torch.cat(logits_out, dim=1)
-            first_kept = self.width - combined.shape[1]
-            logits, logits_start = self._to_input_coords(combined, first_kept)
-        nll = None
-        if nll_first is not None:
-            # Position j's target is predicted at position j-1: shift predictions onto targets.
-            pred = torch.cat([nll_first, *nll_pred], dim=1)[:, : self.width]
-            nll, _ = self._to_input_coords(pred, 0)
-        return HMTOutput(
-            logits=logits,
-            logits_start=logits_start,
-            nll=nll,
-            memories=mem,
-            summaries=summaries,
-            recall_scores=rec,
-            state=state,
-        )
-
-    def _to_input_coords(self, values: torch.Tensor, start: int) -> Tuple[torch.Tensor, int]:
-        """Map ``[b, w, ...]`` values covering merged positions ``start..`` back onto the
-        caller's token positions (the merged rows may begin with pending tokens)."""
-        offsets = self.offsets
-        if len(set(offsets)) == 1:
-            drop = max(0, offsets[0] - start)
-            return values[:, drop:], start + drop - offsets[0]
-        if start != 0:
-            raise ValueError(
-                "rows continue unfinished segments of different lengths; ask for logits='all' "
-                "or 'none' (or continue calls on segment boundaries)."
-            )
-        index = torch.arange(self.new_width, device=self.device)[None, :] + torch.tensor(
-            offsets, device=self.device
-        )[:, None]
-        index = index.clamp(max=values.shape[1] - 1)
-        if values.dim() == 3:
-            index = index[:, :, None].expand(-1, -1, values.shape[-1])
-        return values.gather(1, index), 0
-
-    def _final_state(self, snaps: Dict[int, HMTState]) -> HMTState:
-        """Per row, the state after its last complete segment, plus its unfinished tail."""
-        b = self.batch
-        rows = self._snapshot_rows()
-        seen_in = self.state_in.segments_seen
-        seen = list(seen_in)
-        for at, members in rows.items():
-            for r in members:
-                seen[r] = seen_in[r] + at + 1
-        tails = []
-        for r in range(b):
-            if not self.active[r]:
-                p = self.state_in.pending_lengths[r] if self.state_in.pending is not None else 0
-                tails.append(self.state_in.pending[r, :p] if p else None)
-            else:
-                full = (self.lengths[r] // self.block) * self.block
-                tails.append(self.tokens[r, full : self.lengths[r]] if self.lengths[r] > full else None)
-        pend_len = [0 if t is None else t.numel() for t in tails]
-        pending = None
-        if max(pend_len) > 0:
-            pending = torch.zeros(b, max(pend_len), dtype=self.tokens.dtype, device=self.device)
-            for r, t in enumerate(tails):
-                if t is not None:
-                    pending[r, : t.numel()] = t
-        if len(rows) == 1:
-            (at,) = rows
-            src = snaps[at]
-            merged = HMTState(
-                segments_seen=seen,
-                memory=src.memory,
-                sensory=src.sensory,
-                cache=src.cache,
-                cache_keys=src.cache_keys,
-                cache_valid=src.cache_valid,
-                last_hidden=src.last_hidden,
-            )
-        else:
-            merged = _merge_rows(snaps, rows, seen, b)
-        merged.pending = pending
-        merged.pending_lengths = pend_len if pending is not None else None
-        return merged.detach()
-
-
-def _projected_nll(decoder: TransformerDecoder, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``[b, w, d]`` hidden states before the final norm -> ``[b, w]`` NLL of ``targets``."""
-    return _nll(project(decoder, hidden), targets)
-
-
-def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``[b, w, v]`` logits and ``[b, w]`` targets -> ``[b, w]`` float32 NLL (0 where ignored)."""
-    b, w = targets.shape
-    if w == 0:
-        return logits.new_zeros(b, 0, dtype=torch.float32)
-    loss = F.cross_entropy(
-        logits.reshape(b * w, -1).float(),
-        targets.reshape(-1).long(),
-        ignore_index=CROSS_ENTROPY_IGNORE_IDX,
-        reduction="none",
-    )
-    return loss.view(b, w)
-
-
-def _merge_rows(
-    snaps: Dict[int, HMTState], rows: Dict[int, List[int]], seen: List[int], batch: int
-) -> HMTState:
-    """Assemble one state from per-row snapshots taken at different segments. Caches of
-    different lengths are left-padded with invalid slots (oldest end)."""
-    fields = ("memory", "sensory", "last_hidden")
-    picked = {f: [None] * batch for f in fields}
-    caches = [None] * batch
-    for at, members in rows.items():
-        src = snaps[at]
-        for r in members:
-            for f in fields:
-                t = getattr(src, f)
-                picked[f][r] = None if t is None else t[r]
-            if src.cache is not None:
-                v = src.cache_valid[r] if src.cache_valid is not None else None
-                caches[r] = (src.cache[r], src.cache_keys[r], v)
-
-    def stack(items):
-        ref = next((t for t in items if t is not None), None)
-        if ref is None:
-            return None
-        return torch.stack([t if t is not None else torch.zeros_like(ref) for t in items])
-
-    out = HMTState(segments_seen=seen, **{f: stack(picked[f]) for f in fields})
-    ref = next((c for c in caches if c is not None), None)
-    if ref is not None:
-        size = max(c[0].shape[0] for c in caches if c is not None)
-        vals, ks, oks = [], [], []
-        for c in caches:
-            if c is None:
-                c = (ref[0][:0], ref[1][:0], None)
-            v, k, ok = c
-            if ok is None:
-                ok = torch.ones(v.shape[0], dtype=torch.bool, device=v.device)
-            pad = size - v.shape[0]
-            vals.append(F.pad(v, (0, 0, pad, 0)))
-            ks.append(F.pad(k, (0, 0, pad, 0)))
-            oks.append(F.pad(ok, (pad, 0), value=False))
-        out.cache, out.cache_keys, out.cache_valid = torch.stack(vals), torch.stack(ks), torch.stack(oks)
-    return out
