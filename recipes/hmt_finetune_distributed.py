@@ -34,7 +34,7 @@ from torchtune import config, modules, training, utils
 from torchtune.recipe_interfaces import FTRecipeInterface
 from tqdm import tqdm
 
-from hmt_plugin.training import checkpoints as ckpt
+from hmt_plugin.checkpointing import step_checkpoints as ckpt
 from hmt_plugin.training import faults
 from hmt_plugin.training.data_setup import (
     build_dataloader,

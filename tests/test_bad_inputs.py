@@ -20,7 +20,7 @@ from hmt_plugin.data import synthetic_recall_dataset
 from hmt_plugin.data.text_sources import DataSourceError
 from hmt_plugin.models import hmt_tiny
 from hmt_plugin.modules.hmt_config import HMTConfigError
-from hmt_plugin.training import checkpoints as ckpt
+from hmt_plugin.checkpointing import step_checkpoints as ckpt
 from hmt_plugin.training.data_setup import build_dataloader
 from hmt_plugin.training.run_config import ConfigError
 from tests.recipe_utils import demo_config, lora_config, make_assets, run_in_process

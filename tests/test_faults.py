@@ -24,8 +24,8 @@ from torchtune.training.checkpointing import _checkpointer as tt_checkpointer
 
 from hmt_plugin.bench.runs import read_metrics
 from hmt_plugin.checkpointing import load_hmt_checkpoint
-from hmt_plugin.training import checkpoints as ckpt
-from hmt_plugin.training.checkpoints import COMPLETE_MARKER, latest_checkpoint
+from hmt_plugin.checkpointing import step_checkpoints as ckpt
+from hmt_plugin.checkpointing.step_checkpoints import COMPLETE_MARKER, latest_checkpoint
 from tests.recipe_utils import (
     HMT_TUNE,
     demo_config,
@@ -325,7 +325,7 @@ def test_sigkill_during_a_checkpoint_write(reference, tmp_path):
         patch=f"""
         import time
         from pathlib import Path
-        import hmt_plugin.training.checkpoints as ckpt
+        import hmt_plugin.checkpointing.step_checkpoints as ckpt
 
         write = ckpt.save_hmt_checkpoint
 

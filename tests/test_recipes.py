@@ -13,7 +13,7 @@ from torchtune.training import FullModelHFCheckpointer
 
 from hmt_plugin.bench.runs import read_metrics
 from hmt_plugin.checkpointing import load_hmt_checkpoint
-from hmt_plugin.training.checkpoints import COMPLETE_MARKER
+from hmt_plugin.checkpointing.step_checkpoints import COMPLETE_MARKER
 from tests.recipe_utils import (
     HMT_TUNE,
     demo_config,
