@@ -3,7 +3,7 @@ torchtune's checkpointer, the HMT parameters from our checkpoint files (or fresh
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -48,18 +48,7 @@ def load_hmt_model(
     """
     if model_cfg is None or checkpointer_cfg is None:
         raise ConfigError(f"{where}`model` and `checkpointer` are required to build the model.")
-    directory = checkpointer_cfg.get("checkpoint_dir")
-    component = str(checkpointer_cfg.get("_component_", ""))
-    if (
-        directory is not None
-        and not Path(directory).is_dir()
-        and not component.endswith("tiny_llama_checkpointer")
-    ):
-        raise ConfigError(
-            f"{where}checkpointer.checkpoint_dir={directory!r} does not exist. Point it at the "
-            "backbone's checkpoint directory (a downloaded model, or a training run's "
-            "`final` / `step_*` directory)."
-        )
+    checkpointer = _instantiate_checkpointer(checkpointer_cfg, where)
     if hmt_checkpoint is not None and not Path(hmt_checkpoint).is_dir():
         raise ConfigError(
             f"{where}hmt_checkpoint={str(hmt_checkpoint)!r} does not exist. Point it at a training "
@@ -75,7 +64,6 @@ def load_hmt_model(
         )
     if hmt_checkpoint is not None:
         _check_settings(model, Path(hmt_checkpoint), where)
-    checkpointer = config.instantiate(checkpointer_cfg)
     base = checkpointer.load_checkpoint()[training.MODEL_KEY]
     lora = lora_settings(model)
     adapter = None
@@ -94,6 +82,23 @@ def load_hmt_model(
             "memory modes read with untrained memory."
         )
     return model.eval()
+
+
+def _instantiate_checkpointer(checkpointer_cfg: DictConfig, where: str) -> Any:
+    """The backbone's checkpointer. A ``checkpoint_dir`` that does not exist is named with the
+    fix when the checkpointer cannot read it; one that writes its checkpoint when it is
+    missing (the demo's random tiny Llama) goes ahead."""
+    try:
+        return config.instantiate(checkpointer_cfg)
+    except (FileNotFoundError, ValueError) as err:
+        directory = checkpointer_cfg.get("checkpoint_dir")
+        if directory is None or Path(directory).is_dir():
+            raise
+        raise ConfigError(
+            f"{where}checkpointer.checkpoint_dir={directory!r} does not exist. Point it at the "
+            "backbone's checkpoint directory (a downloaded model, or a training run's "
+            "`final` / `step_*` directory)."
+        ) from err
 
 
 def _check_settings(model: HMT, directory: Path, where: str) -> None:
