@@ -1,6 +1,8 @@
 """The generic builder: HMT around any torchtune decoder builder."""
 
-from typing import Any, Callable, Mapping, Optional, Union
+import dataclasses
+import inspect
+from typing import Any, Callable, Mapping, Union
 
 from omegaconf import OmegaConf
 from torch import nn
@@ -35,21 +37,7 @@ def build_backbone(backbone: BackboneSpec) -> nn.Module:
     )
 
 
-def hmt(
-    backbone: BackboneSpec,
-    *,
-    mode: str = "hmt",
-    segment_length: int = 256,
-    num_memory_tokens: int = 1,
-    num_sensory: int = 32,
-    sum_fraction: float = 0.5,
-    recall_hidden_dim: Optional[int] = None,
-    cache_size: int = 300,
-    bptt_depth: int = 2,
-    score_scale: str = "sqrt",
-    recall_dtype: Optional[str] = None,
-    memory_init: str = "mean_embedding",
-) -> HMT:
+def hmt(backbone: BackboneSpec, **settings: Any) -> HMT:
     """Wrap a torchtune decoder with HMT. Usable as ``_component_`` in a YAML config::
 
         model:
@@ -63,23 +51,22 @@ def hmt(
     Args:
         backbone: the decoder, its builder, a dotted path to a builder taking no arguments,
             or a config node with ``_component_`` and the builder's arguments.
-        **settings: see :class:`~hmt_plugin.modules.HMTConfig` (defaults follow the paper:
-            one memory embedding, k = 32, sum_fraction 0.5, N = 300).
+        **settings: the fields of :class:`~hmt_plugin.modules.HMTConfig`, with its defaults
+            (the paper's: one memory embedding, k = 32, sum_fraction 0.5, N = 300).
 
     Returns:
         HMT: the wrapped model; ``model.backbone`` is the decoder, keys unchanged.
     """
-    config = HMTConfig(
-        segment_length=segment_length,
-        mode=mode,
-        num_memory_tokens=num_memory_tokens,
-        num_sensory=num_sensory,
-        sum_fraction=sum_fraction,
-        recall_hidden_dim=recall_hidden_dim,
-        cache_size=cache_size,
-        bptt_depth=bptt_depth,
-        score_scale=score_scale,
-        recall_dtype=recall_dtype,
-        memory_init=memory_init,
-    )
-    return HMT(build_backbone(backbone), config)
+    return HMT(build_backbone(backbone), HMTConfig(**settings))
+
+
+# torchtune's config tools and our config check read what a builder accepts from its
+# signature: here HMTConfig's fields, so the defaults are stated once, in HMTConfig.
+hmt.__signature__ = inspect.Signature(
+    [inspect.Parameter("backbone", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=BackboneSpec)]
+    + [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+        for f in dataclasses.fields(HMTConfig)
+    ],
+    return_annotation=HMT,
+)
