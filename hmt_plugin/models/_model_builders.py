@@ -1,182 +1,93 @@
 """Named HMT builders, in the style of torchtune's ``_model_builders.py``.
 
-Each takes the HMT settings of :func:`~hmt_plugin.models.hmt` as keyword arguments; the
-LoRA ones also take torchtune's LoRA arguments. The HMT parameters are trainable in LoRA
-setups (``HMT.adapter_params``)."""
+Each takes its torchtune backbone builder's arguments (the LoRA ones: torchtune's LoRA
+arguments) and the HMT settings of :func:`~hmt_plugin.models.hmt` as keyword arguments. The
+HMT parameters are trainable in LoRA setups (``HMT.adapter_params``)."""
 
+import inspect
 from functools import partial
-from typing import Any, List
+from typing import Any, Callable
 
 from torchtune.models.llama2 import llama2_7b, lora_llama2_7b
 from torchtune.models.llama3 import llama3, lora_llama3
 from torchtune.models.llama3_2 import llama3_2_1b, lora_llama3_2_1b
 from torchtune.models.qwen2_5 import lora_qwen2_5_0_5b, qwen2_5_0_5b
-from torchtune.modules.peft import LORA_ATTN_MODULES
+from torchtune.modules import TransformerDecoder
 
 from hmt_plugin.models._hmt_builder import hmt
 from hmt_plugin.modules.hmt import HMT
 
 
-def hmt_llama2_7b(**hmt_settings: Any) -> HMT:
-    """HMT around Llama 2 7B (:func:`torchtune.models.llama2.llama2_7b`)."""
-    return hmt(llama2_7b(), **hmt_settings)
+def _named_builder(name: str, doc: str, backbone: Callable[..., TransformerDecoder]) -> Callable[..., HMT]:
+    """A named builder: the arguments ``backbone`` takes build the decoder, the others are
+    :func:`hmt`'s settings.
 
+    Its signature is ``backbone``'s followed by ``**hmt_settings``: torchtune's config tools
+    and our config check read what a builder accepts from it, so each builder's arguments are
+    stated once, by its backbone builder."""
+    backbone_params = inspect.signature(backbone).parameters
 
-def lora_hmt_llama2_7b(
-    lora_attn_modules: List[LORA_ATTN_MODULES],
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    use_dora: bool = False,
-    quantize_base: bool = False,
-    **hmt_settings: Any,
-) -> HMT:
-    """HMT around Llama 2 7B with LoRA (:func:`torchtune.models.llama2.lora_llama2_7b`)."""
-    backbone = lora_llama2_7b(
-        lora_attn_modules=lora_attn_modules,
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        use_dora=use_dora,
-        quantize_base=quantize_base,
+    def builder(*args: Any, **kwargs: Any) -> HMT:
+        hmt_settings = {k: kwargs.pop(k) for k in list(kwargs) if k not in backbone_params}
+        return hmt(backbone(*args, **kwargs), **hmt_settings)
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = doc
+    builder.__signature__ = inspect.Signature(
+        [
+            *backbone_params.values(),
+            inspect.Parameter("hmt_settings", inspect.Parameter.VAR_KEYWORD, annotation=Any),
+        ],
+        return_annotation=HMT,
     )
-    return hmt(backbone, **hmt_settings)
+    return builder
 
 
-def hmt_llama3_2_1b(**hmt_settings: Any) -> HMT:
-    """HMT around Llama 3.2 1B (tied embeddings)."""
-    return hmt(llama3_2_1b(), **hmt_settings)
+# A tiny Llama-architecture backbone for tests, demos and CPU runs: torchtune's llama3
+# component builder (it takes rope_base; untied output like Llama 2).
+_TINY = dict(
+    vocab_size=256,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    embed_dim=64,
+    intermediate_dim=128,
+    max_seq_len=512,
+    rope_base=10_000.0,
+    norm_eps=1e-5,
+)
 
-
-def lora_hmt_llama3_2_1b(
-    lora_attn_modules: List[LORA_ATTN_MODULES],
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    use_dora: bool = False,
-    quantize_base: bool = False,
-    **hmt_settings: Any,
-) -> HMT:
-    """HMT around Llama 3.2 1B with LoRA."""
-    backbone = lora_llama3_2_1b(
-        lora_attn_modules=lora_attn_modules,
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        use_dora=use_dora,
-        quantize_base=quantize_base,
-    )
-    return hmt(backbone, **hmt_settings)
-
-
-def hmt_qwen2_5_0_5b(**hmt_settings: Any) -> HMT:
-    """HMT around Qwen2.5 0.5B (tied embeddings)."""
-    return hmt(qwen2_5_0_5b(), **hmt_settings)
-
-
-def lora_hmt_qwen2_5_0_5b(
-    lora_attn_modules: List[LORA_ATTN_MODULES],
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    use_dora: bool = False,
-    quantize_base: bool = False,
-    **hmt_settings: Any,
-) -> HMT:
-    """HMT around Qwen2.5 0.5B with LoRA."""
-    backbone = lora_qwen2_5_0_5b(
-        lora_attn_modules=lora_attn_modules,
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        use_dora=use_dora,
-        quantize_base=quantize_base,
-    )
-    return hmt(backbone, **hmt_settings)
-
-
-def hmt_tiny(
-    vocab_size: int = 256,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    embed_dim: int = 64,
-    intermediate_dim: int = 128,
-    max_seq_len: int = 512,
-    rope_base: float = 10_000.0,
-    norm_eps: float = 1e-5,
-    **hmt_settings: Any,
-) -> HMT:
-    """A tiny Llama-architecture HMT for tests, demos and CPU runs (torchtune's ``llama3``
-    component builder, which takes ``rope_base``; untied output like Llama 2)."""
-    backbone = llama3(
-        vocab_size=vocab_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        embed_dim=embed_dim,
-        max_seq_len=max_seq_len,
-        intermediate_dim=intermediate_dim,
-        rope_base=rope_base,
-        norm_eps=norm_eps,
-    )
-    return hmt(backbone, **hmt_settings)
-
-
-def lora_hmt_tiny(
-    lora_attn_modules: List[LORA_ATTN_MODULES],
-    apply_lora_to_mlp: bool = False,
-    apply_lora_to_output: bool = False,
-    lora_rank: int = 8,
-    lora_alpha: float = 16,
-    lora_dropout: float = 0.0,
-    use_dora: bool = False,
-    quantize_base: bool = False,
-    vocab_size: int = 256,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    embed_dim: int = 64,
-    intermediate_dim: int = 128,
-    max_seq_len: int = 512,
-    rope_base: float = 10_000.0,
-    norm_eps: float = 1e-5,
-    **hmt_settings: Any,
-) -> HMT:
-    """:func:`hmt_tiny` with LoRA adapters."""
-    backbone = lora_llama3(
-        lora_attn_modules=lora_attn_modules,
-        apply_lora_to_mlp=apply_lora_to_mlp,
-        apply_lora_to_output=apply_lora_to_output,
-        vocab_size=vocab_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        embed_dim=embed_dim,
-        max_seq_len=max_seq_len,
-        intermediate_dim=intermediate_dim,
-        rope_base=rope_base,
-        norm_eps=norm_eps,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        use_dora=use_dora,
-        quantize_base=quantize_base,
-    )
-    return hmt(backbone, **hmt_settings)
-
+hmt_llama2_7b = _named_builder(
+    "hmt_llama2_7b", "HMT around Llama 2 7B (:func:`torchtune.models.llama2.llama2_7b`).", llama2_7b
+)
+lora_hmt_llama2_7b = _named_builder(
+    "lora_hmt_llama2_7b",
+    "HMT around Llama 2 7B with LoRA (:func:`torchtune.models.llama2.lora_llama2_7b`).",
+    lora_llama2_7b,
+)
+hmt_llama3_2_1b = _named_builder(
+    "hmt_llama3_2_1b", "HMT around Llama 3.2 1B (tied embeddings).", llama3_2_1b
+)
+lora_hmt_llama3_2_1b = _named_builder(
+    "lora_hmt_llama3_2_1b", "HMT around Llama 3.2 1B with LoRA.", lora_llama3_2_1b
+)
+hmt_qwen2_5_0_5b = _named_builder(
+    "hmt_qwen2_5_0_5b", "HMT around Qwen2.5 0.5B (tied embeddings).", qwen2_5_0_5b
+)
+lora_hmt_qwen2_5_0_5b = _named_builder(
+    "lora_hmt_qwen2_5_0_5b", "HMT around Qwen2.5 0.5B with LoRA.", lora_qwen2_5_0_5b
+)
+hmt_tiny = _named_builder(
+    "hmt_tiny",
+    "A tiny Llama-architecture HMT for tests, demos and CPU runs (torchtune's ``llama3`` "
+    "component builder, which takes ``rope_base``; untied output like Llama 2).",
+    partial(llama3, **_TINY),
+)
+lora_hmt_tiny = _named_builder(
+    "lora_hmt_tiny",
+    ":func:`hmt_tiny` with LoRA adapters.",
+    partial(lora_llama3, **_TINY, lora_rank=8, lora_alpha=16),
+)
 
 qlora_hmt_llama2_7b = partial(lora_hmt_llama2_7b, quantize_base=True)
 qlora_hmt_llama2_7b.__doc__ = "QLoRA: :func:`lora_hmt_llama2_7b` with NF4 base weights."
