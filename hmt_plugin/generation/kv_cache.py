@@ -20,7 +20,7 @@ to what it returns, with the mask the caller passes (``[b, s, filled + s]``).
 """
 
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Tuple
+from typing import ContextManager, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -132,34 +132,30 @@ class SegmentCaches:
         b = self.batch_size
         return mask[None].expand(b, -1, -1), pos[None].expand(b, -1)
 
-    @contextmanager
-    def attached(self) -> Iterator[None]:
+    def attached(self) -> ContextManager[None]:
         """Inside: every attention layer of the decoder reads and writes these caches."""
-        saved: List[Tuple[nn.Module, Optional[nn.Module], bool]] = []
-        try:
-            for layer, cache in zip(self.decoder.layers, self.caches):
-                attn = layer.attn
-                saved.append((attn, attn.kv_cache, attn.cache_enabled))
-                attn.kv_cache = cache
-                attn.cache_enabled = True
-            yield
-        finally:
-            for attn, cache, enabled in saved:
-                attn.kv_cache = cache
-                attn.cache_enabled = enabled
+        return _layer_caches(self.decoder, self.caches)
+
+
+def caches_removed(decoder: TransformerDecoder) -> ContextManager[None]:
+    """Inside: no attention layer has a KV cache, so passes without an explicit mask are
+    causal (see the module docstring). Restores what was there on exit."""
+    return _layer_caches(decoder, [None] * len(decoder.layers))
 
 
 @contextmanager
-def caches_removed(decoder: TransformerDecoder) -> Iterator[None]:
-    """Inside: no attention layer has a KV cache, so passes without an explicit mask are
-    causal (see the module docstring). Restores what was there on exit."""
-    saved = []
+def _layer_caches(
+    decoder: TransformerDecoder, caches: Sequence[Optional[nn.Module]]
+) -> Iterator[None]:
+    """Inside: attention layer i of ``decoder`` uses ``caches[i]`` (None: no cache, caching
+    disabled). Puts back what was there on exit."""
+    saved: List[Tuple[nn.Module, Optional[nn.Module], bool]] = []
     try:
-        for layer in decoder.layers:
+        for layer, cache in zip(decoder.layers, caches):
             attn = layer.attn
             saved.append((attn, attn.kv_cache, attn.cache_enabled))
-            attn.kv_cache = None
-            attn.cache_enabled = False
+            attn.kv_cache = cache
+            attn.cache_enabled = cache is not None
         yield
     finally:
         for attn, cache, enabled in saved:
