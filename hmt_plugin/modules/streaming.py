@@ -162,15 +162,8 @@ def merge_pending(
                 trows.append(F.pad(targets[b], (pend[b], width - row.numel()), value=fill))
         merged = torch.stack(rows)
         targets = torch.stack(trows) if targets is not None else None
-    return StreamRows(
-        tokens=merged,
-        targets=targets,
-        lengths=merged_lengths,
-        offsets=offsets,
-        active=active,
-        new_width=new_width,
-        block=block,
-    )
+    return StreamRows(tokens=merged, targets=targets, lengths=merged_lengths, offsets=offsets,
+                      active=active, new_width=new_width, block=block)
 
 
 def starts_fresh(rows: StreamRows, state: HMTState) -> bool:
