@@ -20,7 +20,6 @@ recipe; only rank 0 writes.
 """
 
 import sys
-import time
 from datetime import timedelta
 from functools import partial
 from typing import Any, Dict
@@ -29,37 +28,33 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
-from torch.distributed.tensor import DTensor
 from torchtune import config, modules, training, utils
 from torchtune.recipe_interfaces import FTRecipeInterface
-from tqdm import tqdm
 
 from hmt_plugin.checkpointing import step_checkpoints as ckpt
 from hmt_plugin.training import faults
 from hmt_plugin.training.data_setup import (
-    build_dataloader,
-    build_documents,
     build_tokenizer,
-    pad_id_of,
+    build_training_dataloader,
     steps_per_epoch,
 )
-from hmt_plugin.training.loss import LossAccumulator, batch_loss
+from hmt_plugin.training.loss import batch_loss
 from hmt_plugin.training.model_setup import (
-    build_checkpointer,
-    checkpoint_parts,
-    initial_state_dict,
-    load_backbone,
     lora_settings,
     set_trainable,
+    starting_state_dict,
 )
-from hmt_plugin.training.run_config import loss_options, validate_finetune_config
+from hmt_plugin.training.run_config import validate_finetune_config
+from hmt_plugin.training.train_loop import HMTTrainingLoop
 from hmt_plugin.training.validation import run_validation
 
 log = utils.get_logger("INFO")
 
 
-class HMTFinetuneRecipeDistributed(FTRecipeInterface):
+class HMTFinetuneRecipeDistributed(HMTTrainingLoop, FTRecipeInterface):
     """HMT fine-tuning with FSDP2. See the module docstring."""
+
+    _reduce_over_ranks = True
 
     def __init__(self, cfg: DictConfig) -> None:
         validate_finetune_config(cfg)
@@ -67,22 +62,11 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
         self._dtype = training.get_dtype(cfg.dtype, device=self._device)
         self.world_size, self.rank = utils.get_world_size_and_rank()
         self._is_rank_zero = self.rank == 0
-        self._output_dir = cfg.output_dir
-        self._log_every_n_steps = cfg.get("log_every_n_steps", 1)
-        self._save_every_n_steps = cfg.get("save_every_n_steps")
-        self._log_peak_memory_stats = cfg.get("log_peak_memory_stats", False)
-        self._grad_accum = cfg.gradient_accumulation_steps
-        self._clip_grad_norm = cfg.get("clip_grad_norm")
-        self._loss_scope = cfg.get("loss_scope", "last")
-        self._loss_options = loss_options(cfg)
-        self._resume = cfg.get("resume_from_checkpoint", False)
+        self._read_loop_settings(cfg)
+        self._loss_fn = batch_loss
         self._cpu_offload = cfg.get("fsdp_cpu_offload", False)
         # One seed for every rank: the model and the data order must agree across ranks.
         self.seed = training.set_seed(seed=cfg.seed)
-        self.total_epochs = cfg.epochs
-        self.max_steps_per_epoch = cfg.get("max_steps_per_epoch")
-        self.global_step = 0
-        self.epoch = 0
 
     # ------------------------------------------------------------------ setup
     def setup(self, cfg: DictConfig) -> None:
@@ -90,44 +74,17 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
             self._metric_logger = config.instantiate(cfg.metric_logger)
             self._metric_logger.log_config(cfg)
 
-        resume_from = ckpt.resume_point(self._output_dir, self._resume)
-        if resume_from is not None:
-            utils.log_rank_zero(log, f"Resuming from {resume_from}")
-        recipe_state = ckpt.load_recipe_state(resume_from) if resume_from else None
-        if recipe_state is not None:
-            self.seed = recipe_state["seed"]
-            self.global_step = recipe_state["global_step"]
-            self.epoch = recipe_state["epoch"]
-
-        self._checkpointer = build_checkpointer(
-            cfg.checkpointer, cfg.get("hmt_checkpoint"), should_load_recipe_state=False
-        )
-        self._writer = ckpt.CheckpointWriter(
-            self._checkpointer, self._output_dir, keep_last_n=cfg.get("keep_last_n_checkpoints")
-        )
+        resume_from, recipe_state = self._setup_checkpointing(cfg)
         self._model = self._setup_model(cfg, resume_from)
-        self._resume_settings = ckpt.resume_settings(cfg, self._model.config, self.world_size)
-        if recipe_state is not None:
-            ckpt.check_resume(recipe_state, self._resume_settings, resume_from)
+        self._check_resume(cfg, resume_from, recipe_state)
         self._tokenizer = build_tokenizer(cfg.get("tokenizer"))
 
         self._optimizer = config.instantiate(
             cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
         )
-        documents = build_documents(
-            cfg.dataset, self._tokenizer, tokens_per_segment=self._model.config.tokens_per_segment
-        )
-        self._dataloader = build_dataloader(
-            documents,
-            hmt_config=self._model.config,
-            cfg_windows=cfg.get("windows"),
-            collate_fn=cfg.get("collate_fn", "hmt_plugin.data.segment_collate"),
-            batch_size=cfg.batch_size,
-            shuffle=cfg.shuffle,
-            seed=self.seed,
-            pad_id=pad_id_of(self._tokenizer),
-            world_size=self.world_size,
-            rank=self.rank,
+        self._dataloader = build_training_dataloader(
+            cfg, self._tokenizer, self._model.config, self.seed,
+            world_size=self.world_size, rank=self.rank,
         )
         self._steps_per_epoch = steps_per_epoch(
             len(self._dataloader), self._grad_accum, self.max_steps_per_epoch
@@ -165,25 +122,9 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
             reshard_after_forward=cfg.get("fsdp_reshard_after_forward", True),
         )
 
-        base_state = load_backbone(self._checkpointer)
-        adapter_state = None
-        if resume_from is not None:
-            if lora is None:
-                resumed = build_checkpointer(
-                    cfg.checkpointer,
-                    checkpoint_dir=str(resume_from),
-                    checkpoint_files=sorted(p.name for p in resume_from.glob("model-*.safetensors")),
-                    should_load_recipe_state=False,
-                )
-                base_state = load_backbone(resumed)
-            else:
-                adapter_state = torch.load(
-                    resume_from / "adapter_model.pt", map_location="cpu", weights_only=True
-                )
-        hmt_source = resume_from if resume_from is not None else cfg.get("hmt_checkpoint")
-        full = initial_state_dict(
-            model, base_state, lora=lora, seed=self.seed, adapter_state=adapter_state,
-            hmt_checkpoint=hmt_source,
+        full = starting_state_dict(
+            model, self._checkpointer, cfg.checkpointer, lora=lora, seed=self.seed,
+            resume_from=resume_from, hmt_checkpoint=cfg.get("hmt_checkpoint"),
         )
         training.load_from_full_model_state_dict(
             model, full, self._device, strict=True, cpu_offload=self._cpu_offload
@@ -239,28 +180,10 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
                 cuda_rng = torch.cuda.get_rng_state(self._device)
             dist.all_gather_object(rngs, {"cpu": torch.get_rng_state(), "cuda": cuda_rng})
             recipe_state = {
-                "seed": self.seed,
-                "global_step": self.global_step,
-                "epoch": self.epoch,
-                "settings": self._resume_settings,
-                "optimizer": optimizer,
-                "lr_scheduler": self._lr_scheduler.state_dict() if self._lr_scheduler else None,
-                "dataloader": loaders,
-                "rng": rngs,
-                "world_size": self.world_size,
+                **self._recipe_state(optimizer, loaders, rngs), "world_size": self.world_size
             }
         if self._is_rank_zero:
-            parts = checkpoint_parts(full, self._lora, final=final)
-            name = ckpt.FINAL if final else ckpt.step_dir_name(self.global_step)
-            path = self._writer.save(
-                name,
-                hmt_config=self._model.config,
-                recipe_state=recipe_state,
-                meta={"step": self.global_step, "epoch": self.epoch, "final": final,
-                      "world_size": self.world_size},
-                **parts,
-            )
-            log.info(f"Checkpoint written to {path}")
+            self._write_checkpoint(full, recipe_state, final, world_size=self.world_size)
         dist.barrier()
 
     # ------------------------------------------------------------------ training
@@ -275,64 +198,6 @@ class HMTFinetuneRecipeDistributed(FTRecipeInterface):
             run_validation(self._model, self._validation_cfg, self._tokenizer,
                            self._metric_logger if self._is_rank_zero else None,
                            self._device, self._output_dir, step=self.global_step)
-
-    def _train_epochs(self, profiler) -> None:
-        sums = LossAccumulator()
-        t0 = time.perf_counter()
-        steps_done_in_epoch = self.global_step - self.epoch * self._steps_per_epoch
-        while self.epoch < self.total_epochs:
-            self._dataloader.sampler.set_epoch(self.epoch)
-            self._dataloader.dataset.set_epoch(self.epoch)
-            pbar = tqdm(total=self._steps_per_epoch, initial=steps_done_in_epoch,
-                        disable=not self._is_rank_zero or None)
-            for idx, batch in enumerate(self._dataloader):
-                if steps_done_in_epoch >= self._steps_per_epoch:
-                    break
-                loss = batch_loss(self._model, batch, self._device, self._loss_scope,
-                                  **self._loss_options.for_step(self.global_step + 1))
-                loss.loss_sum.backward()
-                sums.add(loss)
-                if (idx + 1) % self._grad_accum != 0:
-                    continue
-                metrics = self._optimizer_step(sums, time.perf_counter() - t0)
-                steps_done_in_epoch += 1
-                pbar.update(1)
-                pbar.set_description(f"{self.epoch + 1}|{self.global_step}|loss {metrics['loss']:.4f}")
-                if self._is_rank_zero and self.global_step % self._log_every_n_steps == 0:
-                    self._metric_logger.log_dict(metrics, step=self.global_step)
-                profiler.step()
-                if self._save_every_n_steps and self.global_step % self._save_every_n_steps == 0:
-                    self.save_checkpoint()
-                sums = LossAccumulator()
-                t0 = time.perf_counter()
-            pbar.close()
-            self._optimizer.zero_grad(set_to_none=True)
-            sums = LossAccumulator()
-            self.epoch += 1
-            steps_done_in_epoch = 0
-
-    def _optimizer_step(self, sums: LossAccumulator, elapsed: float) -> Dict[str, float]:
-        sums.all_reduce()
-        metrics = sums.metrics(elapsed, self.world_size)
-        ckpt.check_finite_loss(metrics["loss"], self.global_step + 1, self._output_dir)
-        # FSDP averages gradients over ranks; the loss is a sum over all ranks' targets.
-        training.scale_grads(self._model, self.world_size / sums.num_tokens)
-        if self._clip_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self._model.parameters(), max_norm=float(self._clip_grad_norm)
-            )
-            if isinstance(grad_norm, DTensor):
-                grad_norm = grad_norm.full_tensor()
-            metrics["grad_norm"] = float(grad_norm)
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-        if self._lr_scheduler is not None:
-            self._lr_scheduler.step()
-        self.global_step += 1
-        metrics["lr"] = self._optimizer.param_groups[0]["lr"]
-        if self._device.type == "cuda" and self._log_peak_memory_stats:
-            metrics.update(training.get_memory_stats(device=self._device))
-        return metrics
 
     def cleanup(self) -> None:
         if self._is_rank_zero:

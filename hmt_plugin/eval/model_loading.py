@@ -10,8 +10,14 @@ from omegaconf import DictConfig
 from torchtune import config, training, utils
 
 from hmt_plugin.checkpointing.hmt_files import HMT_CONFIG, load_hmt_checkpoint
+from hmt_plugin.checkpointing.io import ADAPTER_PT
 from hmt_plugin.modules.hmt import HMT
-from hmt_plugin.training.model_setup import initial_state_dict, load_initial_state, lora_settings
+from hmt_plugin.training.model_setup import (
+    initial_state_dict,
+    load_adapter_state,
+    load_initial_state,
+    lora_settings,
+)
 from hmt_plugin.training.run_config import ConfigError
 
 log = utils.get_logger("INFO")
@@ -67,11 +73,9 @@ def load_hmt_model(
     base = checkpointer.load_checkpoint()[training.MODEL_KEY]
     lora = lora_settings(model)
     adapter = None
-    if lora is not None and hmt_checkpoint is not None and (Path(hmt_checkpoint) / "adapter_model.pt").is_file():
-        # A LoRA model reads the adapter kept beside the HMT files (a step checkpoint, or a
-        # published LoRA checkpoint converted with --lora keep); without one it starts fresh.
-        adapter = torch.load(Path(hmt_checkpoint) / "adapter_model.pt", map_location="cpu", weights_only=True)
-        adapter = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in adapter.items()}
+    if lora is not None and hmt_checkpoint is not None and (Path(hmt_checkpoint) / ADAPTER_PT).is_file():
+        # A LoRA model reads the adapter kept beside the HMT files; without one it starts fresh.
+        adapter = load_adapter_state(hmt_checkpoint)
     full = initial_state_dict(
         model, base, lora=lora, seed=seed, adapter_state=adapter, hmt_checkpoint=hmt_checkpoint
     )

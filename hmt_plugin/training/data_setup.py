@@ -116,6 +116,29 @@ def build_dataloader(
     )
 
 
+def build_training_dataloader(
+    cfg: DictConfig, tokenizer: Any, hmt_config: HMTConfig, seed: int, *, world_size: int = 1, rank: int = 0
+) -> StatefulDataLoader:
+    """A fine-tuning recipe's data: the documents of ``cfg.dataset`` laid out in the model's
+    segments, in windows (``cfg.windows``) batched by ``cfg.collate_fn`` (default
+    :func:`~hmt_plugin.data.segment_collate`), this rank's share of them."""
+    documents = build_documents(
+        cfg.dataset, tokenizer, tokens_per_segment=hmt_config.tokens_per_segment
+    )
+    return build_dataloader(
+        documents,
+        hmt_config=hmt_config,
+        cfg_windows=cfg.get("windows"),
+        collate_fn=cfg.get("collate_fn", "hmt_plugin.data.segment_collate"),
+        batch_size=cfg.batch_size,
+        shuffle=cfg.shuffle,
+        seed=seed,
+        pad_id=pad_id_of(tokenizer),
+        world_size=world_size,
+        rank=rank,
+    )
+
+
 def steps_per_epoch(num_batches: int, grad_accum: int, max_steps: Optional[int]) -> int:
     """Optimizer steps in one epoch of ``num_batches`` batches (per rank)."""
     steps = num_batches // grad_accum

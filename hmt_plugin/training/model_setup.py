@@ -25,6 +25,7 @@ from hmt_plugin.checkpointing.hmt_files import (
     check_hmt_state_dict,
     load_hmt_checkpoint,
 )
+from hmt_plugin.checkpointing.io import ADAPTER_PT
 from hmt_plugin.modules.hmt import HMT
 
 
@@ -235,6 +236,49 @@ def _check_shapes(state: Dict[str, torch.Tensor], shapes: Dict[str, tuple]) -> N
                 "`model` to the checkpoint's (see its config.json), or point the checkpointer at "
                 "a checkpoint of this size."
             )
+
+
+def load_adapter_state(directory: os.PathLike) -> Dict[str, torch.Tensor]:
+    """The LoRA adapter kept in a checkpoint directory (``adapter_model.pt``: a step
+    checkpoint's, or a published LoRA checkpoint converted with ``--lora keep``), in the
+    backbone's torchtune keys."""
+    adapter = torch.load(Path(directory) / ADAPTER_PT, map_location="cpu", weights_only=True)
+    return {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in adapter.items()}
+
+
+def starting_state_dict(
+    model: HMT,
+    checkpointer: Any,
+    cfg_checkpointer: Any,
+    *,
+    lora: Optional[Dict[str, Any]],
+    seed: int,
+    resume_from: Optional[Path],
+    hmt_checkpoint: Optional[os.PathLike],
+) -> Dict[str, torch.Tensor]:
+    """What a fine-tuning recipe's model starts from (:func:`initial_state_dict`): the
+    backbone from ``checkpointer``, or when resuming a full fine-tune from the step
+    checkpoint ``resume_from``; the adapters of ``resume_from`` when resuming a LoRA run,
+    else fresh ones; the HMT parameters of ``resume_from``, else of ``hmt_checkpoint``, else
+    fresh ones."""
+    base_state = load_backbone(checkpointer)
+    adapter_state = None
+    if resume_from is not None:
+        if lora is None:
+            # Full fine-tune: the step checkpoint holds the whole backbone.
+            resumed = build_checkpointer(
+                cfg_checkpointer,
+                checkpoint_dir=str(resume_from),
+                checkpoint_files=sorted(p.name for p in resume_from.glob("model-*.safetensors")),
+                should_load_recipe_state=False,
+            )
+            base_state = load_backbone(resumed)
+        else:
+            adapter_state = load_adapter_state(resume_from)
+    return initial_state_dict(
+        model, base_state, lora=lora, seed=seed, adapter_state=adapter_state,
+        hmt_checkpoint=resume_from if resume_from is not None else hmt_checkpoint,
+    )
 
 
 def load_initial_state(model: HMT, full: Dict[str, torch.Tensor], lora: Optional[Dict[str, Any]]) -> None:
