@@ -49,24 +49,18 @@ from hmt_plugin.eval.long_context import (
     format_published_test_table,
 )
 from hmt_plugin.eval.memory import PROBES, memory_probe
-from hmt_plugin.eval.model_loading import describe, load_hmt_model
+from hmt_plugin.eval.model_loading import MODEL_READING_KEYS, describe, load_hmt_model
 from hmt_plugin.eval.quantization import quantize_from_config
 from hmt_plugin.eval.plots import plot_ppl_vs_context, plot_recall_distance
 from hmt_plugin.modules.hmt_config import MODES, HMTConfigError
 from hmt_plugin.training.data_setup import build_documents
+from hmt_plugin.training.recipe_main import run_recipe
 from hmt_plugin.training.run_config import ConfigError, check_component_args, check_keys
 
 log = utils.get_logger("INFO")
 
 EVAL_KEYS = {
-    "output_dir",
-    "seed",
-    "device",
-    "dtype",
-    "model",
-    "checkpointer",
-    "hmt_checkpoint",
-    "tokenizer",
+    *MODEL_READING_KEYS,
     "modes",
     "runs",
     "dataset",
@@ -82,10 +76,6 @@ EVAL_KEYS = {
     "quantization",
     "keep_tokens_per_segment",
     "published_test_ppl",
-    # free variables for interpolation, as in the training configs
-    "run_dir",
-    "backbone_dir",
-    "model_dir",
 }
 RUN_KEYS = {"name", "mode", "model", "checkpointer", "hmt_checkpoint"}
 PUBLISHED_TEST_KEYS = {"test_lengths", "batch_size", "test_step"}
@@ -482,11 +472,7 @@ def _numbers(metrics: Dict[str, Any]) -> Dict[str, float]:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    config.log_config(recipe_name="HMTEvalRecipe", cfg=cfg)
-    recipe = HMTEvalRecipe(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.evaluate()
-    recipe.cleanup()
+    run_recipe(HMTEvalRecipe, cfg, "evaluate")
 
 
 if __name__ == "__main__":

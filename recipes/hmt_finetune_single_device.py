@@ -39,6 +39,7 @@ from hmt_plugin.training.model_setup import (
     set_trainable,
     starting_state_dict,
 )
+from hmt_plugin.training.recipe_main import run_recipe
 from hmt_plugin.training.run_config import validate_finetune_config
 from hmt_plugin.training.train_loop import HMTTrainingLoop
 from hmt_plugin.training.validation import run_validation
@@ -158,11 +159,7 @@ class HMTFinetuneRecipeSingleDevice(HMTTrainingLoop, FTRecipeInterface):
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    config.log_config(recipe_name="HMTFinetuneRecipeSingleDevice", cfg=cfg)
-    recipe = HMTFinetuneRecipeSingleDevice(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.train()
-    recipe.cleanup()
+    run_recipe(HMTFinetuneRecipeSingleDevice, cfg, "train")
 
 
 if __name__ == "__main__":

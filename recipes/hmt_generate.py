@@ -20,23 +20,17 @@ import torch
 from omegaconf import DictConfig
 from torchtune import config, training, utils
 
-from hmt_plugin.eval.model_loading import describe, load_hmt_model
+from hmt_plugin.eval.model_loading import MODEL_READING_KEYS, describe, load_hmt_model
 from hmt_plugin.eval.quantization import quantize_from_config
 from hmt_plugin.generation import HMTGenerator
 from hmt_plugin.modules.hmt_config import MODES, HMTConfigError
+from hmt_plugin.training.recipe_main import run_recipe
 from hmt_plugin.training.run_config import ConfigError, check_component_args, check_keys
 
 log = utils.get_logger("INFO")
 
 GENERATE_KEYS = {
-    "output_dir",
-    "seed",
-    "device",
-    "dtype",
-    "model",
-    "checkpointer",
-    "hmt_checkpoint",
-    "tokenizer",
+    *MODEL_READING_KEYS,
     "mode",
     "prompt",
     "prompt_file",
@@ -48,9 +42,6 @@ GENERATE_KEYS = {
     "refresh_recall",
     "prefill_chunk_segments",
     "quantization",
-    "run_dir",
-    "backbone_dir",
-    "model_dir",
 }
 
 
@@ -219,11 +210,7 @@ class HMTGenerateRecipe:
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> None:
-    config.log_config(recipe_name="HMTGenerateRecipe", cfg=cfg)
-    recipe = HMTGenerateRecipe(cfg=cfg)
-    recipe.setup(cfg=cfg)
-    recipe.generate()
-    recipe.cleanup()
+    run_recipe(HMTGenerateRecipe, cfg, "generate")
 
 
 if __name__ == "__main__":

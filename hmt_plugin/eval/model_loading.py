@@ -22,6 +22,14 @@ from hmt_plugin.training.run_config import ConfigError
 
 log = utils.get_logger("INFO")
 
+# Top-level config keys of every recipe that reads a trained model (hmt_eval, hmt_generate):
+# what load_hmt_model and the tokenizer need, and the free variables the shipped configs
+# interpolate.
+MODEL_READING_KEYS = frozenset({
+    "output_dir", "seed", "device", "dtype", "model", "checkpointer", "hmt_checkpoint",
+    "tokenizer", "run_dir", "backbone_dir", "model_dir",
+})
+
 # Settings that change what a checkpoint's weights mean: a model read with other values
 # computes something the checkpoint was not trained for.
 _MUST_MATCH = (
