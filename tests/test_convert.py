@@ -364,6 +364,21 @@ def test_to_reference_of_a_model_trained_here(tmp_path, config_path):
 
 
 # ----------------------------------------------------------------------------- bad inputs
+def test_memory_scale_embedding_does_not_go_to_the_published_format(tmp_path, config_path):
+    """The published code writes the final-norm hidden state as it is: a model trained with a
+    rescaled memory would be read differently there, so it is refused, naming the setting."""
+    from hmt_plugin.checkpointing import save_hmt_checkpoint
+
+    out, _ = _from_ref(tmp_path, published_state_dict(), config_path)
+    hmt_sd, config, meta = load_hmt_checkpoint(out)
+    scaled = HMTConfig(**{**config.to_dict(), "memory_scale": "embedding"})
+    save_hmt_checkpoint(out, {**hmt_sd, "memory_norm": torch.ones(1)}, scaled,
+                        extra={k: v for k, v in meta.items() if k not in ("format", "hmt")})
+    with pytest.raises(ConversionError, match="memory_scale='embedding'.*published code cannot"):
+        convert_to_reference(out, tmp_path / "ref.pt", show_progress=False)
+    assert not (tmp_path / "ref.pt").exists()
+
+
 def test_wrong_architecture(tmp_path, config_path):
     sd = published_state_dict()
     opt_like = {k.replace("model.layers.", "model.decoder.layers."): v for k, v in sd.items()}

@@ -35,7 +35,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = p.parse_args(argv)
     work = Path(args.work_dir)
     record = json.loads((work / "quality.json").read_text())
-    bench = argparse.Namespace(**record["settings"])
+    # The parser's defaults under the recorded settings: a record older than a flag still reads.
+    defaults = vars(qp.build_parser().parse_args(["--backbone", record["settings"]["backbone"]]))
+    bench = argparse.Namespace(**{**defaults, **record["settings"]})
     bench.reuse, bench.work_dir = True, str(work)
     settings = qp.Settings(bench)
     train_dir = Path(record["results"]["data"]["train_dir"])

@@ -129,6 +129,8 @@ def hf_model_node(args, *, mode: str, segment_length: int, bptt_depth: int,
         "segment_length": segment_length, "num_sensory": args.num_sensory,
         "sum_fraction": 0.5, "cache_size": args.cache_size, "bptt_depth": bptt_depth,
         "memory_init": args.memory_init,
+        # Named only when it is not the published write, so earlier runs' configs still match.
+        **({"memory_scale": args.memory_scale} if args.memory_scale != "published" else {}),
     }
 
 
@@ -457,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_sensory", type=int, default=32)
     g.add_argument("--cache_size", type=int, default=300)
     g.add_argument("--memory_init", choices=["mean_embedding", "published"], default="mean_embedding")
+    g.add_argument("--memory_scale", choices=["published", "embedding"], default="published",
+                   help="the length of the written memory (HMTConfig.memory_scale)")
     g.add_argument("--max_seq_len", type=int, default=8192,
                    help="the backbone's RoPE table; at least the full-context reader's window")
     g = p.add_argument_group("fine-tuning (one budget of tokens for every arm)")

@@ -692,6 +692,13 @@ def convert_to_reference(
     ours = open_our_checkpoint(checkpoint_dir)
     layout, adapter = ours.layout, ours.adapter
     hmt_sd, config, meta = load_hmt_checkpoint(ours.directory)
+    if config.memory_scale != "published":
+        raise ConversionError(
+            f"{ours.directory} was trained with memory_scale={config.memory_scale!r}, which the "
+            "published code cannot compute (it writes the final-norm hidden state as it is): "
+            "its model would read other memories. Only memory_scale='published' checkpoints "
+            "convert to the published format."
+        )
     published = meta.get("published") or {}
     output = Path(output)
     result = ConversionResult(output)

@@ -68,6 +68,8 @@ class HMT(nn.Module):
         m = config.num_memory_tokens
         if config.uses_memory:
             self.initial_memory = nn.Parameter(torch.empty(m, dim))
+            if config.memory_scale == "embedding":
+                self.memory_norm = nn.Parameter(torch.empty(1))
         if config.uses_recall:
             self.summary_token = nn.Parameter(torch.empty(m, dim))
             self.recall = MemoryRecall(
@@ -101,7 +103,8 @@ class HMT(nn.Module):
         row, an input the backbone has seen the like of (a random vector at position 0, where
         pretrained models keep their attention sink, disturbs the first segments of an
         untrained model); ``"published"`` draws them ~ N(0, std of the token embeddings), as
-        the published code does. The recall projections are drawn as ``nn.Linear`` draws
+        the published code does. ``memory_norm`` (``memory_scale="embedding"``) starts at the
+        median token-embedding norm. The recall projections are drawn as ``nn.Linear`` draws
         its weights.
 
         Args:
@@ -114,7 +117,10 @@ class HMT(nn.Module):
             if name.startswith("backbone."):
                 continue
             value = torch.empty(param.shape, dtype=torch.float32)
-            if name in ("initial_memory", "summary_token"):
+            if name == "memory_norm":
+                # The length of a typical token embedding: what position 0 held in pretraining.
+                value.fill_(embeddings.float().norm(dim=-1).median().item())
+            elif name in ("initial_memory", "summary_token"):
                 if self.config.memory_init == "mean_embedding":
                     mean = embeddings.mean(dim=0, dtype=torch.float32).cpu()
                     value.copy_(mean.expand_as(value))
@@ -306,8 +312,9 @@ class HMT(nn.Module):
         return hidden[:, m + k : m + k + w], closing
 
     def write_memory(self, closing: torch.Tensor, state: HMTState) -> HMTState:
-        """Memory write: M_n = final norm of the hidden state at segment n's trailing P_n,
-        which joins the cache (``hmt``; the newest ``cache_size`` vectors are kept).
+        """Memory write: M_n = final norm of the hidden state at segment n's trailing P_n
+        (rescaled to length ``memory_norm`` with ``memory_scale="embedding"``), which joins the
+        cache (``hmt``; the newest ``cache_size`` vectors are kept).
 
         Args:
             closing (torch.Tensor): ``[b, m, d]`` from :meth:`read_segment`.
@@ -317,6 +324,9 @@ class HMT(nn.Module):
             HMTState: ``state`` with ``memory`` M_n and the updated cache.
         """
         memory = self.backbone.norm(closing)
+        if self.config.memory_scale == "embedding":
+            length = memory.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(memory.dtype).tiny)
+            memory = memory * (self.memory_norm.to(memory.dtype) / length)
         cache, keys, valid = state.cache, state.cache_keys, state.cache_valid
         if self.config.uses_recall:
             cache, keys, valid = self.recall.remember(memory, cache, keys, valid, self.config.cache_size)

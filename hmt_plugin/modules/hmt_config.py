@@ -8,6 +8,7 @@ from typing import Any, Dict, Optional
 
 MODES = ("baseline", "rmt", "hmt_stage1", "hmt")
 MEMORY_INITS = ("mean_embedding", "published")
+MEMORY_SCALES = ("published", "embedding")
 SCORE_SCALES = ("sqrt", "linear", "published")
 RECALL_DTYPES = (None, "bfloat16", "float16", "float32")
 
@@ -61,6 +62,7 @@ class HMTConfig:
     score_scale: str = "sqrt"
     recall_dtype: Optional[str] = None
     memory_init: str = "mean_embedding"
+    memory_scale: str = "published"
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -98,6 +100,10 @@ class HMTConfig:
         need(
             self.memory_init in MEMORY_INITS,
             f"memory_init={self.memory_init!r} is unknown; use one of {', '.join(MEMORY_INITS)}.",
+        )
+        need(
+            self.memory_scale in MEMORY_SCALES,
+            f"memory_scale={self.memory_scale!r} is unknown; use one of {', '.join(MEMORY_SCALES)}.",
         )
         need(
             self.recall_dtype in RECALL_DTYPES,
