@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from hmt_plugin.bench import quality_pretrained as qp
-from hmt_plugin.bench.report import BenchRun, machine_info, markdown_table, stderr, write_json
+from hmt_plugin.bench.report import BenchRun, machine_info, markdown_table, stderr
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -82,13 +82,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     rows.append(["sliding window (no-memory arm)", results["sliding window (no-memory arm)"]["ppl"],
                  None, None, None, None, None, None])
     run = BenchRun("memory-diagnostic", argv)
-    out = run.record(settings={**vars(args), "books": str(train_dir),
-                               "pieces_from": names[: args.pieces]},
-                     results=results, machine=machine_info(bench.device, bench.dtype))
-    path = write_json(args.out or work / "memory_diagnostic.json", out)
-    print(markdown_table(["reader (training-book pieces)", "PPL, memory carried",
-                          "PPL, memory not carried", "NLL not carried - carried", "s.e.",
-                          "written memory norm (median)", "embedding norm (median)",
-                          "first memory norm"], rows))
-    print(f"\nWrote {path}")
-    return out
+    table = markdown_table(["reader (training-book pieces)", "PPL, memory carried",
+                            "PPL, memory not carried", "NLL not carried - carried", "s.e.",
+                            "written memory norm (median)", "embedding norm (median)",
+                            "first memory norm"], rows)
+    return run.finish(args.out or work / "memory_diagnostic.json", lambda record: table,
+                      settings={**vars(args), "books": str(train_dir), "pieces_from": names[: args.pieces]},
+                      results=results, machine=machine_info(bench.device, bench.dtype))

@@ -46,7 +46,7 @@ from hmt_plugin.bench.report import (
     machine_info,
     markdown_table,
     stderr,
-    write_json,
+
 )
 from hmt_plugin.training.checkpoints import latest_checkpoint
 
@@ -564,10 +564,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
     run = BenchRun("quality", argv)
     results = run_quality(args)
-    record = run.record(settings=vars(args), results=results, machine=machine_info("cpu", "fp32"))
-    path = write_json(args.out, record)
-    print(tables(record))
-    print(f"\nWrote {path}")
+    record = run.finish(args.out, tables, settings=vars(args), results=results,
+                        machine=machine_info("cpu", "fp32"))
     for png in write_plots(record, Path(args.out).parent):
         print(f"Wrote {png}")
     return record

@@ -52,7 +52,7 @@ from hmt_plugin.bench.report import (
     machine_info,
     markdown_table,
     stderr,
-    write_json,
+
 )
 from hmt_plugin.bench.quality import equal_segment_lengths, split_books, train_run
 
@@ -516,14 +516,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    run = BenchRun("quality", argv)
+    run = BenchRun("quality-pretrained", argv, command="quality")
     results = run_benchmark(args)
-    record = run.record(settings=vars(args), results=results,
+    record = run.finish(args.out, tables, settings=vars(args), results=results,
                         machine=machine_info(args.device, args.dtype))
-    record["benchmark"] = "quality-pretrained"  # the command stays `quality --backbone ...`
-    path = write_json(args.out, record)
-    print(tables(record))
-    print(f"\nWrote {path}")
     for png in write_plots(record, Path(args.out).parent):
         print(f"Wrote {png}")
     return record

@@ -19,7 +19,7 @@ import torch
 from torchtune import training
 
 from hmt_plugin.bench.memory import PROBE_CHOICES, describe, make_probe
-from hmt_plugin.bench.report import BenchRun, header, machine_info, markdown_table, stderr, write_json
+from hmt_plugin.bench.report import BenchRun, header, machine_info, markdown_table, stderr
 from hmt_plugin.bench.speed import (
     DIMS,
     DTYPES,
@@ -146,9 +146,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     results = run_quantized(args)
     settings = dict(vars(args))
     settings["backbone"] = backbone_dims(args)
-    record = run.record(settings=settings, results=results,
+    record = run.finish(args.out, tables, settings=settings, results=results,
                         machine=machine_info(args.device, args.dtype))
-    path = write_json(args.out, record)
-    print(tables(record))
-    print(f"\nWrote {path}")
     return record

@@ -33,7 +33,7 @@ from hmt_plugin.bench.report import (
     machine_info,
     markdown_table,
     stderr,
-    write_json,
+
 )
 
 DIMS = dict(vocab_size=32, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_dim=128)
@@ -222,8 +222,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse(argv)
     run = BenchRun("recall", argv)
     results = run_recall(args)
-    record = run.record(settings=vars(args), results=results, machine=machine_info("cpu", "fp32"))
-    path = write_json(args.out, record)
-    print(tables(record))
-    print(f"\nWrote {path}")
+    record = run.finish(args.out, tables, settings=vars(args), results=results,
+                        machine=machine_info("cpu", "fp32"))
     return record

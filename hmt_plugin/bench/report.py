@@ -20,7 +20,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -110,11 +110,13 @@ class BenchRun:
     Args:
         name (str): the benchmark (``speed``, ``quality``, ...).
         argv (Sequence[str]): its arguments, as given after the benchmark's name.
+        command (Optional[str]): the subcommand, where it is not ``name`` (``quality
+            --backbone DIR`` runs the ``quality-pretrained`` benchmark).
     """
 
-    def __init__(self, name: str, argv: Sequence[str]) -> None:
+    def __init__(self, name: str, argv: Sequence[str], command: Optional[str] = None) -> None:
         self.name = name
-        self.command = shlex.join(["python", "-m", "hmt_plugin.bench", name, *argv])
+        self.command = shlex.join(["python", "-m", "hmt_plugin.bench", command or name, *argv])
         self.started_at = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         self.load_start = load_average()
         self.git = git_state()  # at the start: the code that is imported and measured
@@ -142,14 +144,27 @@ class BenchRun:
         }
 
 
+    def finish(
+        self, out: os.PathLike, tables: Callable[[Dict[str, Any]], str], *,
+        settings: Dict[str, Any], results: Dict[str, Any], machine: Dict[str, Any],
+    ) -> Dict[str, Any]:
+        """:meth:`record`, written to ``out`` as JSON, with ``tables(record)`` printed: the
+        end of every benchmark's ``main``."""
+        record = self.record(settings=settings, results=results, machine=machine)
+        path = write_json(out, record)
+        print(tables(record))
+        print(f"\nWrote {path}")
+        return record
+
+
 def write_json(path: os.PathLike, record: Dict[str, Any]) -> Path:
-    """Write ``record`` to ``path`` (parents created) through a temporary file, so an
-    interrupted write never leaves half a JSON file behind."""
+    """Write ``record`` to ``path`` (parents created) atomically: an interrupted write never
+    leaves half a JSON file behind."""
+    from hmt_plugin.checkpointing.io import atomic_write_bytes
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(record, indent=2, default=_jsonable) + "\n").encode())
     return path
 
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torchtune import training
 
 from hmt_plugin.bench.memory import PROBE_CHOICES, describe, make_probe, rss_sampler, run_measured
-from hmt_plugin.bench.report import BenchRun, header, machine_info, markdown_table, stderr, write_json
+from hmt_plugin.bench.report import BenchRun, header, machine_info, markdown_table, stderr
 from hmt_plugin.modules.backbone import embed_tokens, project, run_layers
 from hmt_plugin.modules.hmt import HMT
 from hmt_plugin.modules.hmt_config import HMTConfig
@@ -843,11 +843,8 @@ def main(argv: Optional[Sequence[str]] = None, *, gpu: bool = False) -> Dict[str
     results = run_speed(args)
     settings = {k: v for k, v in vars(args).items()}
     settings["backbone"] = backbone_dims(args)
-    record = run.record(settings=settings, results=results,
+    record = run.finish(args.out, tables, settings=settings, results=results,
                         machine=machine_info(args.device, args.dtype))
-    path = write_json(args.out, record)
-    print(tables(record))
-    print(f"\nWrote {path}")
     return record
 
 

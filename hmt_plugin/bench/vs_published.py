@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import copy
 import importlib
-import statistics
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ import torch
 
 from hmt_plugin.bench.memory import PROBE_CHOICES, describe, make_probe
 from hmt_plugin.bench.report import (
-    BenchRun, apply_quick, header, machine_info, markdown_table, stderr, write_json,
+    BenchRun, apply_quick, header, machine_info, markdown_table, stderr,
 )
 from hmt_plugin.bench.speed import (
     Variant, cpu_clock, measure_interleaved, random_doc, read_streaming, train_step,
@@ -478,9 +477,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     except PublishedCodeError as err:
         parser.exit(2, f"vs-published: {err}\n")
     settings = {k: v for k, v in vars(args).items() if k != "work_dir"}
-    record = run_record.record(settings=settings, results=results,
+    record = run_record.finish(args.out, tables, settings=settings, results=results,
                                machine=machine_info(args.device, "fp32"))
-    path = write_json(args.out, record)
-    print(tables(record))
-    print(f"\nWrote {path}")
     return record
