@@ -96,6 +96,24 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     assert all(r["wall_s"] is None for r in again["results"]["runs"].values())
     assert again["results"]["eval"]["readers"] == res["eval"]["readers"]
 
+    # The options outside the published function retrain the memory arms only; the sink
+    # takes one more position in their calls, never a new token's place.
+    opts = quality.main([
+        "--backbone", str(backbone), "--books", str(books), "--quick", "--launcher",
+        "inprocess", "--threads", "1", "--work_dir", str(work), "--max_seq_len", "512", "--reuse",
+        "--memory_sink", "--memory_scale", "embedding",
+    ])
+    ran = {name for name, r in opts["results"]["runs"].items() if r["wall_s"] is not None}
+    assert ran == {"rmt", "hmt_stage1", "hmt"}
+    assert opts["results"]["sizes"]["segment_length_by_mode"] == {
+        "baseline": n, "rmt": n + 3, "hmt_stage1": n + 11, "hmt": n + 11}
+    readers = opts["results"]["eval"]["readers"]
+    for label in ("no memory", "sliding window", "full context (untuned)"):
+        assert readers[label] == res["eval"]["readers"][label], label
+    for label in ("rmt", "hmt stage 1", "hmt"):
+        assert readers[label]["all"]["tokens"] == res["data"]["scored_tokens_per_reader"]
+        assert readers[label] != res["eval"]["readers"][label], label
+
 
 def test_refuses_a_directory_without_config_json(tmp_path, capsys):
     with pytest.raises(SystemExit):

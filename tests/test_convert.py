@@ -364,17 +364,23 @@ def test_to_reference_of_a_model_trained_here(tmp_path, config_path):
 
 
 # ----------------------------------------------------------------------------- bad inputs
-def test_memory_scale_embedding_does_not_go_to_the_published_format(tmp_path, config_path):
-    """The published code writes the final-norm hidden state as it is: a model trained with a
-    rescaled memory would be read differently there, so it is refused, naming the setting."""
+@pytest.mark.parametrize("setting,value,param,match", [
+    ("memory_scale", "embedding", ("memory_norm", (1,)), "memory_scale='embedding'"),
+    ("memory_sink", True, ("sink", (1, 32)), "memory_sink=True"),
+])
+def test_options_beyond_the_published_function_do_not_go_to_its_format(
+        tmp_path, config_path, setting, value, param, match):
+    """The published code writes the final-norm hidden state as it is and reads
+    [P_n; sensory; x_n; P_n]: a model trained with a rescaled memory or a sink would be read
+    differently there, so it is refused, naming the setting."""
     from hmt_plugin.checkpointing import save_hmt_checkpoint
 
     out, _ = _from_ref(tmp_path, published_state_dict(), config_path)
     hmt_sd, config, meta = load_hmt_checkpoint(out)
-    scaled = HMTConfig(**{**config.to_dict(), "memory_scale": "embedding"})
-    save_hmt_checkpoint(out, {**hmt_sd, "memory_norm": torch.ones(1)}, scaled,
+    changed = HMTConfig(**{**config.to_dict(), setting: value})
+    save_hmt_checkpoint(out, {**hmt_sd, param[0]: torch.ones(param[1])}, changed,
                         extra={k: v for k, v in meta.items() if k not in ("format", "hmt")})
-    with pytest.raises(ConversionError, match="memory_scale='embedding'.*published code cannot"):
+    with pytest.raises(ConversionError, match=f"{match}.*published code cannot"):
         convert_to_reference(out, tmp_path / "ref.pt", show_progress=False)
     assert not (tmp_path / "ref.pt").exists()
 

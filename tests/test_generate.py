@@ -70,6 +70,8 @@ def reference_next_logits(model, seq):
     embeds = embed_tokens(model.backbone, torch.tensor([seq[start - k :]]))
     if prefix is not None:
         embeds = torch.cat([prefix, embeds], dim=1)
+        if cfg.memory_sink:
+            embeds = torch.cat([model.sink[None], embeds], dim=1)
     hidden = run_layers(model.backbone, embeds)
     return project(model.backbone, hidden[:, -1:])[0, -1]
 
@@ -112,11 +114,28 @@ def test_cached_greedy_equals_recomputing_the_segment(mode, prompt_len):
     assert out.sequences()[0] == reference_greedy(model, prompt, steps)
 
 
-@pytest.mark.parametrize("mode", ["hmt", "rmt"])
-def test_state_after_generation_is_what_training_computes(mode):
+@pytest.mark.parametrize("mode,prompt_len", [("hmt", 2 * 17 + 3), ("hmt", 2 * 17 + 11), ("rmt", 21 + 7)])
+def test_cached_greedy_with_a_memory_sink(mode, prompt_len):
+    """``memory_sink``: the cached segment starts ``[sink; P_n; ...]`` as training reads it."""
+    model = tiny(mode, memory_sink=True, memory_scale="embedding")
+    prompt = ids(prompt_len)
+    gen = HMTGenerator(model)
+    seq = list(prompt)
+    logits = gen.prefill(prompt)[0]
+    for _ in range(12):
+        torch.testing.assert_close(logits, reference_next_logits(model, seq), atol=2e-5, rtol=1e-5)
+        token = int(logits.argmax())
+        seq.append(token)
+        logits = gen.append([token])[0]
+    steps = 2 * model.config.tokens_per_segment + 4
+    assert gen.generate(prompt, steps).sequences()[0] == reference_greedy(model, prompt, steps)
+
+
+@pytest.mark.parametrize("mode,options", [("hmt", {}), ("rmt", {}), ("hmt", {"memory_sink": True})])
+def test_state_after_generation_is_what_training_computes(mode, options):
     """With the recall refreshed, every memory written while generating is the memory the
     training pass computes on the same tokens."""
-    model = tiny(mode)
+    model = tiny(mode, **options)
     prompt = ids(7)
     gen = HMTGenerator(model)
     block = model.config.tokens_per_segment

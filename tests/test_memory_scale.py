@@ -73,3 +73,21 @@ def test_checkpoint_round_trip_and_mismatch_named(tmp_path):
 def test_unknown_memory_scale_is_refused_by_name():
     with pytest.raises(HMTConfigError, match="memory_scale='unit'.*published, embedding"):
         HMTConfig(memory_scale="unit")
+    with pytest.raises(HMTConfigError, match="memory_sink='yes' must be true or false"):
+        HMTConfig(memory_sink="yes")
+
+
+def test_sink_takes_a_position_not_a_new_token_and_is_a_learned_mean_embedding(tmp_path):
+    a = HMTConfig(segment_length=24, num_sensory=4)
+    b = HMTConfig(segment_length=25, num_sensory=4, memory_sink=True)
+    assert a.tokens_per_segment == b.tokens_per_segment == 18
+    assert b.with_mode("baseline", keep_tokens_per_segment=True).segment_length == 18
+    model = _model("hmt", memory_sink=True)
+    mean = model.backbone.tok_embeddings.weight.detach().mean(dim=0)
+    torch.testing.assert_close(model.sink.detach()[0], mean, rtol=0, atol=1e-6)
+    tokens = _tokens()
+    model(tokens, labels=tokens).nll.mean().backward()
+    assert model.sink.grad.abs().sum() > 0
+    save_hmt_checkpoint(tmp_path, model.hmt_state_dict(), model.config)
+    with pytest.raises(HMTCheckpointError, match="memory_sink=True.*memory_sink=False"):
+        load_hmt_into(_model("hmt"), tmp_path)

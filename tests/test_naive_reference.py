@@ -39,13 +39,19 @@ def naive_hmt(model, ids):
         parts = [x] if prev is None or k == 0 else [prev[:, -k:], x]
         emb = embed_tokens(dec, torch.cat(parts, 1))
         n_prefix = emb.shape[1] - x.shape[1]
+        sink = 0
         if cfg.mode != "baseline":
             emb = torch.cat([memory, emb, memory], 1)
+            if cfg.memory_sink:  # [sink; P_n; sensory; x_n; P_n]
+                emb = torch.cat([model.sink.expand(ids.shape[0], 1, -1), emb], 1)
+                sink = 1
         hidden = run_layers(dec, emb)
-        off = (m if cfg.mode != "baseline" else 0) + n_prefix
+        off = sink + (m if cfg.mode != "baseline" else 0) + n_prefix
         logits.append(project(dec, hidden[:, off : off + x.shape[1]]))
         if cfg.mode != "baseline":
             new = dec.norm(hidden[:, -m:])
+            if cfg.memory_scale == "embedding":  # the same direction, length memory_norm
+                new = new / new.norm(dim=-1, keepdim=True) * model.memory_norm
             memories.append(new)
             cache.append(new)
             if cfg.mode != "hmt":
@@ -64,6 +70,14 @@ CASES = [
     dict(segment_length=24, num_sensory=4, cache_size=5, length=55, batch=2, mode="hmt_stage1"),
     dict(segment_length=24, num_sensory=4, cache_size=5, length=55, batch=2, mode="rmt"),
     dict(segment_length=24, num_sensory=4, cache_size=5, length=55, batch=2, mode="baseline"),
+    # The two options outside the published function.
+    dict(segment_length=29, num_sensory=4, cache_size=2, length=121, batch=3, memory_sink=True),
+    dict(segment_length=25, num_sensory=4, cache_size=5, length=55, batch=2, mode="hmt_stage1", memory_sink=True),
+    dict(segment_length=24, num_sensory=0, cache_size=5, length=60, batch=2, mode="rmt", memory_sink=True,
+         memory_scale="embedding"),
+    dict(segment_length=32, num_sensory=4, cache_size=3, length=90, batch=2, num_memory_tokens=2,
+         memory_scale="embedding"),
+    dict(segment_length=24, num_sensory=4, cache_size=5, length=55, batch=2, mode="baseline", memory_sink=True),
 ]
 
 

@@ -18,10 +18,10 @@ SMALL = dict(segment_length=24, num_sensory=4, recall_hidden_dim=16, cache_size=
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=[False, True], ids=["published-layout", "memory-sink"])
+def model(request):
     torch.manual_seed(0)
-    return hmt_tiny(**SMALL).eval()
+    return hmt_tiny(**SMALL, memory_sink=request.param).eval()
 
 
 def _ids(length=80):

@@ -76,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                      round(r["memory_norm_median"], 2), round(r["embedding_norm_median"], 2),
                      round(r["initial_memory_norm"], 2)])
     model = qp.load_reader_model(bench, settings, work, "no_memory", "baseline")
-    sliding = window_token_nll(model.backbone, pieces, window=settings.segment_length["hmt"],
+    sliding = window_token_nll(model.backbone, pieces, window=settings.sliding_window,
                                stride=settings.new_tokens, batch_size=4 * bench.eval_batch_size)
     results["sliding window (no-memory arm)"] = band_scores(sliding, [(1, settings.eval_tokens)], block)[0].to_dict()
     rows.append(["sliding window (no-memory arm)", results["sliding window (no-memory arm)"]["ppl"],

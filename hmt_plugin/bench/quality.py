@@ -377,12 +377,17 @@ def run_quality(args: argparse.Namespace) -> Dict[str, Any]:
     return results
 
 
-def equal_segment_lengths(segment_length: int, num_sensory: int) -> Dict[str, int]:
+def equal_segment_lengths(segment_length: int, num_sensory: int,
+                          memory_sink: bool = False) -> Dict[str, int]:
     """Per mode, the ``segment_length`` at which it reads as many new tokens per segment as
-    HMT at ``segment_length`` with ``num_sensory`` sensory tokens."""
+    HMT at ``segment_length`` with ``num_sensory`` sensory tokens in the published layout
+    (with ``memory_sink`` the memory modes' calls hold the sink besides)."""
     from hmt_plugin.modules.hmt_config import HMTConfig
 
     hmt = HMTConfig(mode="hmt", segment_length=segment_length, num_sensory=num_sensory)
+    if memory_sink:
+        hmt = HMTConfig(mode="hmt", segment_length=segment_length + 1, num_sensory=num_sensory,
+                        memory_sink=True)
     return {mode: hmt.with_mode(mode, keep_tokens_per_segment=True).segment_length
             for mode in ("baseline", "rmt", "hmt_stage1", "hmt")}
 

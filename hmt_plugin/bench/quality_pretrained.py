@@ -104,7 +104,11 @@ class Settings:
                         num_sensory=args.num_sensory, cache_size=args.cache_size)
         self.new_tokens = hmt.tokens_per_segment
         # Equal new tokens per segment in every mode: only memory differs between the arms.
-        self.segment_length = equal_segment_lengths(args.segment_length, args.num_sensory)
+        self.segment_length = equal_segment_lengths(args.segment_length, args.num_sensory,
+                                                    args.memory_sink)
+        # The cheap alternative reads as many positions as HMT's call in the published layout
+        # (new tokens, sensory and memory; a sink would add a position of no information).
+        self.sliding_window = equal_segment_lengths(args.segment_length, args.num_sensory)["hmt"]
         self.eval_tokens = args.eval_segments * self.new_tokens
         # Every arm trains on the same number of tokens: HMT's two stages together (the
         # single-stage arms in whole steps of stage-1 windows, so within half a step of it).
@@ -129,8 +133,11 @@ def hf_model_node(args, *, mode: str, segment_length: int, bptt_depth: int,
         "segment_length": segment_length, "num_sensory": args.num_sensory,
         "sum_fraction": 0.5, "cache_size": args.cache_size, "bptt_depth": bptt_depth,
         "memory_init": args.memory_init,
-        # Named only when it is not the published write, so earlier runs' configs still match.
-        **({"memory_scale": args.memory_scale} if args.memory_scale != "published" else {}),
+        # Named only where they change the model (a memory mode) and leave the published
+        # function, so runs they do not change keep their configs (and --reuse keeps them).
+        **({"memory_scale": args.memory_scale}
+           if mode != "baseline" and args.memory_scale != "published" else {}),
+        **({"memory_sink": True} if mode != "baseline" and args.memory_sink else {}),
     }
 
 
@@ -263,7 +270,7 @@ def read(args, settings: Settings, work: Path, label: str, run: Optional[str], h
             model.set_mode("baseline", keep_tokens_per_segment=True)
             nll = hmt_token_nll(model, pieces, batch_size=args.eval_batch_size)
         else:
-            window = settings.eval_tokens if mode == "full" else settings.segment_length["hmt"]
+            window = settings.eval_tokens if mode == "full" else settings.sliding_window
             stride = settings.eval_tokens if mode == "full" else settings.new_tokens
             batch = 1 if mode == "full" else 4 * args.eval_batch_size
             nll = window_token_nll(model.backbone, pieces, window=window, stride=stride,
@@ -461,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory_init", choices=["mean_embedding", "published"], default="mean_embedding")
     g.add_argument("--memory_scale", choices=["published", "embedding"], default="published",
                    help="the length of the written memory (HMTConfig.memory_scale)")
+    g.add_argument("--memory_sink", action="store_true",
+                   help="a learned sink embedding at position 0 of every memory segment "
+                        "(HMTConfig.memory_sink)")
     g.add_argument("--max_seq_len", type=int, default=8192,
                    help="the backbone's RoPE table; at least the full-context reader's window")
     g = p.add_argument_group("fine-tuning (one budget of tokens for every arm)")

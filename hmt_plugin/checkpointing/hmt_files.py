@@ -135,13 +135,15 @@ def check_hmt_state_dict(
     """Raise :class:`HMTCheckpointError` naming the key unless ``state_dict`` fits ``model``'s
     HMT parameters (recall parameters may be missing: stage 1 -> stage 2)."""
     ours = {n: p for n, p in model.named_parameters() if not n.startswith("backbone.")}
-    scale_saved, scale_built = "memory_norm" in state_dict, "memory_norm" in ours
-    if scale_saved != scale_built and "initial_memory" in state_dict and "initial_memory" in ours:
-        raise HMTCheckpointError(
-            f"{source} was trained with memory_scale={'embedding' if scale_saved else 'published'!r}"
-            f" and this model is built with memory_scale="
-            f"{model.config.memory_scale!r}; set the model's memory_scale to match."
-        )
+    # Parameters that exist only under an option (and then in every memory mode).
+    for name, setting, values in (("memory_norm", "memory_scale", ("'published'", "'embedding'")),
+                                  ("sink", "memory_sink", ("False", "True"))):
+        saved, built = name in state_dict, name in ours
+        if saved != built and "initial_memory" in state_dict and "initial_memory" in ours:
+            raise HMTCheckpointError(
+                f"{source} was trained with {setting}={values[saved]} and this model is built with "
+                f"{setting}={values[built]}; set the model's {setting} to match."
+            )
     for name, value in state_dict.items():
         if name not in ours:
             raise HMTCheckpointError(

@@ -692,12 +692,14 @@ def convert_to_reference(
     ours = open_our_checkpoint(checkpoint_dir)
     layout, adapter = ours.layout, ours.adapter
     hmt_sd, config, meta = load_hmt_checkpoint(ours.directory)
-    if config.memory_scale != "published":
+    beyond = [f"memory_scale={config.memory_scale!r}"] if config.memory_scale != "published" else []
+    beyond += ["memory_sink=True"] if config.memory_sink else []
+    if beyond:
         raise ConversionError(
-            f"{ours.directory} was trained with memory_scale={config.memory_scale!r}, which the "
-            "published code cannot compute (it writes the final-norm hidden state as it is): "
-            "its model would read other memories. Only memory_scale='published' checkpoints "
-            "convert to the published format."
+            f"{ours.directory} was trained with {' and '.join(beyond)}, which the published code "
+            "cannot compute (it writes the final-norm hidden state as it is and reads "
+            "[P_n; sensory; x_n; P_n]): its model would read otherwise. Only checkpoints with "
+            "memory_scale='published' and memory_sink=False convert to the published format."
         )
     published = meta.get("published") or {}
     output = Path(output)

@@ -39,6 +39,8 @@ _MUST_MATCH = (
     "sum_fraction",
     "recall_hidden_dim",
     "score_scale",
+    "memory_scale",
+    "memory_sink",
 )
 
 

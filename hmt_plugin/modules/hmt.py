@@ -70,6 +70,8 @@ class HMT(nn.Module):
             self.initial_memory = nn.Parameter(torch.empty(m, dim))
             if config.memory_scale == "embedding":
                 self.memory_norm = nn.Parameter(torch.empty(1))
+            if config.memory_sink:
+                self.sink = nn.Parameter(torch.empty(1, dim))
         if config.uses_recall:
             self.summary_token = nn.Parameter(torch.empty(m, dim))
             self.recall = MemoryRecall(
@@ -104,8 +106,8 @@ class HMT(nn.Module):
         pretrained models keep their attention sink, disturbs the first segments of an
         untrained model); ``"published"`` draws them ~ N(0, std of the token embeddings), as
         the published code does. ``memory_norm`` (``memory_scale="embedding"``) starts at the
-        median token-embedding norm. The recall projections are drawn as ``nn.Linear`` draws
-        its weights.
+        median token-embedding norm, ``sink`` (``memory_sink``) at the mean token embedding.
+        The recall projections are drawn as ``nn.Linear`` draws its weights.
 
         Args:
             embeddings (torch.Tensor): ``[vocab, d]`` the backbone's token embeddings.
@@ -120,6 +122,9 @@ class HMT(nn.Module):
             if name == "memory_norm":
                 # The length of a typical token embedding: what position 0 held in pretraining.
                 value.fill_(embeddings.float().norm(dim=-1).median().item())
+            elif name == "sink":
+                # What position 0 held in pretraining: a token, not a memory.
+                value.copy_(embeddings.mean(dim=0, dtype=torch.float32).cpu().expand_as(value))
             elif name in ("initial_memory", "summary_token"):
                 if self.config.memory_init == "mean_embedding":
                     mean = embeddings.mean(dim=0, dtype=torch.float32).cpu()
@@ -262,7 +267,8 @@ class HMT(nn.Module):
         *,
         closed: bool = True,
     ) -> torch.Tensor:
-        """The backbone input of segment n, ``[P_n; sensory; x_n; P_n]``: ``[b, m + k + w + m, d]``.
+        """The backbone input of segment n, ``[P_n; sensory; x_n; P_n]``: ``[b, m + k + w + m, d]``
+        (``[sink; P_n; ...]``, one position more, with ``memory_sink``).
 
         Args:
             prefix (Optional[torch.Tensor]): ``[b, m, d]`` P_n (:meth:`search_memory`).
@@ -277,7 +283,10 @@ class HMT(nn.Module):
         h = embed_tokens(self.backbone, ids)
         if prefix is None:
             return h
-        return torch.cat([prefix, h, prefix] if closed else [prefix, h], dim=1)
+        parts = [prefix, h, prefix] if closed else [prefix, h]
+        if self.config.sink_tokens_used:
+            parts.insert(0, self.sink.to(prefix.dtype).expand(prefix.shape[0], 1, -1))
+        return torch.cat(parts, dim=1)
 
     def read_segment(
         self,
@@ -299,17 +308,17 @@ class HMT(nn.Module):
             Tuple: ``[b, w, d]`` hidden states of x_n's positions and ``[b, m, d]`` those of
             the trailing P_n (None in ``baseline``), before the final norm.
         """
-        m = self.config.memory_tokens_used
+        m, z = self.config.memory_tokens_used, self.config.sink_tokens_used
         sensory = self._sensory_read(sensory)
         k, w = (0 if sensory is None else sensory.shape[1]), segment.shape[1]
         x = self.segment_embeddings(prefix, sensory, segment)
-        counts = [[m, k, n, m] for n in real_tokens]
-        attn_mask, positions = ragged_layout(counts, [m, k, w, m], segment.device)
+        counts = [[z, m, k, n, m] for n in real_tokens]
+        attn_mask, positions = ragged_layout(counts, [z, m, k, w, m], segment.device)
         hidden = maybe_checkpoint(
             checkpoint, run_layers, self.backbone, x, mask=attn_mask, input_pos=positions
         )
         closing = hidden[:, hidden.shape[1] - m :] if prefix is not None else None
-        return hidden[:, m + k : m + k + w], closing
+        return hidden[:, z + m + k : z + m + k + w], closing
 
     def write_memory(self, closing: torch.Tensor, state: HMTState) -> HMTState:
         """Memory write: M_n = final norm of the hidden state at segment n's trailing P_n

@@ -49,6 +49,19 @@ class HMTConfig:
             the backbone's mean token embedding: an untrained HMT then reads its first
             segments as well as the backbone does) or ``"published"`` (~ N(0, std of the token
             embeddings), as the published code draws them). It only matters before training.
+        memory_scale (str): the length of the memory M_n a segment writes. ``"published"``
+            (default): the final-norm hidden state as it is, as the published code writes it;
+            its length is the backbone's output scale (on SmolLM2-135M about 54, against 3.2
+            for a token embedding). ``"embedding"``: M_n keeps its direction and is rescaled to
+            a learned length ``memory_norm``, initialised to the median token-embedding norm.
+            Not the published function: a published checkpoint cannot hold it.
+        memory_sink (bool): False (default): a segment reads ``[P_n; sensory; x_n; P_n]``, as
+            in the paper. True: ``[sink; P_n; sensory; x_n; P_n]``, with a learned ``sink``
+            embedding (the mean token embedding at first) at position 0 of every segment that
+            reads a memory. Pretrained decoders park much of every token's attention on
+            position 0 (the attention sink), so a memory placed there is mixed into every
+            token: on an untrained SmolLM2-135M, carrying the memory costs 0.125 NLL, and 0.002
+            with the sink. One more position per segment; not the published layout.
     """
 
     segment_length: int = 256
@@ -63,6 +76,7 @@ class HMTConfig:
     recall_dtype: Optional[str] = None
     memory_init: str = "mean_embedding"
     memory_scale: str = "published"
+    memory_sink: bool = False
 
     def __post_init__(self) -> None:
         def need(ok: bool, message: str) -> None:
@@ -106,6 +120,10 @@ class HMTConfig:
             f"memory_scale={self.memory_scale!r} is unknown; use one of {', '.join(MEMORY_SCALES)}.",
         )
         need(
+            isinstance(self.memory_sink, bool),
+            f"memory_sink={self.memory_sink!r} must be true or false.",
+        )
+        need(
             self.recall_dtype in RECALL_DTYPES,
             f"recall_dtype={self.recall_dtype!r} is unknown; use null (the model's dtype), "
             "'bfloat16' (the published code's recall), 'float16' or 'float32'.",
@@ -114,7 +132,7 @@ class HMTConfig:
         need(
             self.tokens_per_segment >= 1,
             f"segment_length={self.segment_length} leaves no room for new tokens in mode "
-            f"{self.mode!r}: {overhead} positions go to memory ({2 * self.memory_tokens_used}) and "
+            f"{self.mode!r}: {overhead} positions go to memory ({overhead - self.sensory_tokens_used}) and "
             f"sensory ({self.sensory_tokens_used}) tokens. Increase segment_length or lower "
             "num_sensory / num_memory_tokens.",
         )
@@ -122,7 +140,7 @@ class HMTConfig:
             self.sensory_tokens_used < self.tokens_per_segment,
             f"num_sensory={self.num_sensory} must be smaller than the {self.tokens_per_segment} new "
             f"tokens per segment (segment_length={self.segment_length} minus "
-            f"{2 * self.memory_tokens_used} memory positions minus num_sensory). Lower num_sensory "
+            f"{overhead - self.sensory_tokens_used} memory positions minus num_sensory). Lower num_sensory "
             "or increase segment_length.",
         )
 
@@ -147,6 +165,11 @@ class HMTConfig:
         return self.num_memory_tokens if self.uses_memory else 0
 
     @property
+    def sink_tokens_used(self) -> int:
+        """Sink positions in front of a segment's memory in this mode (``memory_sink``)."""
+        return 1 if self.memory_sink and self.uses_memory else 0
+
+    @property
     def sensory_tokens_used(self) -> int:
         """Sensory tokens used in this mode (the published code uses none in rmt/baseline)."""
         return self.num_sensory if self.mode in ("hmt", "hmt_stage1") else 0
@@ -155,7 +178,8 @@ class HMTConfig:
         """Backbone positions of a segment that hold memory or sensory tokens in ``mode``."""
         memory = self.num_memory_tokens if mode != "baseline" else 0
         sensory = self.num_sensory if mode in ("hmt", "hmt_stage1") else 0
-        return 2 * memory + sensory
+        sink = 1 if self.memory_sink and mode != "baseline" else 0
+        return sink + 2 * memory + sensory
 
     @property
     def tokens_per_segment(self) -> int:
