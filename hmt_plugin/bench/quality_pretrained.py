@@ -226,6 +226,21 @@ def train_runs(args, settings: Settings, train_dir: Path, work: Path, cache: Pat
 
 
 # ---------------------------------------------------------------------------- evaluation
+def reader_model_node(args, settings: Settings, run: Optional[str], mode: str,
+                      memory_init: Optional[str] = None) -> Dict[str, Any]:
+    """The model node a reader builds: in the run's own mode (the untuned backbone: in
+    ``hmt_stage1`` for the step-0 readers, else ``baseline``)."""
+    if run is None:
+        trained_mode = "hmt_stage1" if mode == "hmt_stage1" else "baseline"
+    else:
+        trained_mode = {"no_memory": "baseline"}.get(run, run)
+    node = hf_model_node(args, mode=trained_mode, segment_length=settings.segment_length[trained_mode],
+                         bptt_depth=1, lora=False)
+    if memory_init is not None:
+        node["memory_init"] = memory_init
+    return node
+
+
 def load_reader_model(args, settings: Settings, work: Path, run: Optional[str], mode: str,
                       memory_init: Optional[str] = None):
     """The model a reader reads with: a run's ``final`` weights, or the untuned backbone with
@@ -236,15 +251,10 @@ def load_reader_model(args, settings: Settings, work: Path, run: Optional[str], 
     from hmt_plugin.eval.model_loading import load_hmt_model
 
     if run is None:
-        trained_mode = "hmt_stage1" if mode == "hmt_stage1" else "baseline"
         source, hmt_checkpoint = Path(args.backbone), None
     else:
-        trained_mode = {"no_memory": "baseline"}.get(run, run)
         source = hmt_checkpoint = runs.final_dir(work / "runs" / run)
-    node = hf_model_node(args, mode=trained_mode, segment_length=settings.segment_length[trained_mode],
-                         bptt_depth=1, lora=False)
-    if memory_init is not None:
-        node["memory_init"] = memory_init
+    node = reader_model_node(args, settings, run, mode, memory_init)
     device = torch.device(args.device)
     dtype = training.get_dtype(args.dtype, device)
     return load_hmt_model(
@@ -295,8 +305,11 @@ def evaluate(args, settings: Settings, work: Path, pieces: List[List[int]]) -> D
     for label, run, how in READERS:
         stem = out_dir / label.replace(" ", "_").replace(",", "")
         meta_path = stem.with_suffix(".json")
-        stamp = {"pieces": key, "run": run, "how": how,
-                 "run_config": _run_stamp(work, run)}
+        mode, _, init = how.partition(":")
+        # What a reader computes: its pieces, its weights (the run's config) and its model
+        # (the untuned step-0 readers have no run, but a memory option changes them).
+        stamp = {"pieces": key, "run": run, "how": how, "run_config": _run_stamp(work, run),
+                 "model": reader_model_node(args, settings, run, mode, init or None)}
         if args.reuse and meta_path.is_file() and json.loads(meta_path.read_text())["stamp"] == stamp:
             meta = json.loads(meta_path.read_text())
             nll = np.load(stem.with_suffix(".npy"))
