@@ -79,7 +79,8 @@ def test_smollm2_configs_on_a_tiny_hf_directory(tmp_path):
         "hmt_stage1", output_dir=str(stage1), metric_logger=_disk_logger(stage1), **small))
     assert json.loads((stage1 / "final" / "model.safetensors.index.json").read_text())["weight_map"]
     state1, cfg1, _ = load_hmt_checkpoint(stage1 / "final")
-    assert cfg1.mode == "hmt_stage1" and set(state1) == {"initial_memory"}
+    # The configs read [sink; P_n; sensory; x_n; P_n] (memory_sink: true).
+    assert cfg1.mode == "hmt_stage1" and cfg1.memory_sink and set(state1) == {"initial_memory", "sink"}
 
     # Stage 2's checkpointer finds stage 1's merged shards by the index torchtune wrote.
     run_in_process("hmt_finetune_single_device", _config(
