@@ -97,8 +97,17 @@ def reference_greedy(model, prompt, steps):
     ],
 )
 def test_cached_greedy_equals_recomputing_the_segment(mode, prompt_len):
-    model = tiny(mode)
-    prompt = ids(prompt_len)
+    _assert_cached_decoding_matches_the_reference(tiny(mode), ids(prompt_len))
+
+
+@pytest.mark.parametrize("mode,prompt_len", [("hmt", 2 * 17 + 3), ("hmt", 2 * 17 + 11), ("rmt", 21 + 7)])
+def test_cached_greedy_with_a_memory_sink(mode, prompt_len):
+    """``memory_sink``: the cached segment starts ``[sink; P_n; ...]`` as training reads it."""
+    model = tiny(mode, memory_sink=True, memory_scale="embedding")
+    _assert_cached_decoding_matches_the_reference(model, ids(prompt_len))
+
+
+def _assert_cached_decoding_matches_the_reference(model, prompt):
     steps = 2 * model.config.tokens_per_segment + 4  # crosses two boundaries
     gen = HMTGenerator(model)
     # Step by step: the cached logits match the from-scratch pass at every position.
@@ -110,24 +119,6 @@ def test_cached_greedy_equals_recomputing_the_segment(mode, prompt_len):
         seq.append(token)
         logits = gen.append([token])[0]
     # And greedy generation gives the same tokens.
-    out = gen.generate(prompt, steps)
-    assert out.sequences()[0] == reference_greedy(model, prompt, steps)
-
-
-@pytest.mark.parametrize("mode,prompt_len", [("hmt", 2 * 17 + 3), ("hmt", 2 * 17 + 11), ("rmt", 21 + 7)])
-def test_cached_greedy_with_a_memory_sink(mode, prompt_len):
-    """``memory_sink``: the cached segment starts ``[sink; P_n; ...]`` as training reads it."""
-    model = tiny(mode, memory_sink=True, memory_scale="embedding")
-    prompt = ids(prompt_len)
-    gen = HMTGenerator(model)
-    seq = list(prompt)
-    logits = gen.prefill(prompt)[0]
-    for _ in range(12):
-        torch.testing.assert_close(logits, reference_next_logits(model, seq), atol=2e-5, rtol=1e-5)
-        token = int(logits.argmax())
-        seq.append(token)
-        logits = gen.append([token])[0]
-    steps = 2 * model.config.tokens_per_segment + 4
     assert gen.generate(prompt, steps).sequences()[0] == reference_greedy(model, prompt, steps)
 
 
