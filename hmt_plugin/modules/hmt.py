@@ -114,6 +114,14 @@ class HMT(nn.Module):
             generator (Optional[torch.Generator]): for the random draws.
         """
         embeddings = embeddings.detach()
+        means: List[torch.Tensor] = []
+
+        def mean_embedding() -> torch.Tensor:
+            # One pass over the embedding matrix, however many rows start from its mean.
+            if not means:
+                means.append(embeddings.mean(dim=0, dtype=torch.float32).cpu())
+            return means[0]
+
         out = {}
         for name, param in self.named_parameters():
             if name.startswith("backbone."):
@@ -124,11 +132,10 @@ class HMT(nn.Module):
                 value.fill_(embeddings.float().norm(dim=-1).median().item())
             elif name == "sink":
                 # What position 0 held in pretraining: a token, not a memory.
-                value.copy_(embeddings.mean(dim=0, dtype=torch.float32).cpu().expand_as(value))
+                value.copy_(mean_embedding().expand_as(value))
             elif name in ("initial_memory", "summary_token"):
                 if self.config.memory_init == "mean_embedding":
-                    mean = embeddings.mean(dim=0, dtype=torch.float32).cpu()
-                    value.copy_(mean.expand_as(value))
+                    value.copy_(mean_embedding().expand_as(value))
                 else:
                     value.normal_(0.0, embeddings.float().std().item(), generator=generator)
             else:
