@@ -12,11 +12,14 @@ its parameters, its state-dict keys or torchtune's code:
 * ``unembed`` returns the last hidden state, so ``decoder(...)`` ends before the final
   norm and HMT projects only the positions a loss or a caller needs, with the decoder's
   own (class-level) ``unembed``: norm, output projection (``nn.Linear``, LoRA or
-  ``TiedLinear``) and the cast to float32.
+  ``TiedLinear``) and the cast to float32;
+* the last layer can run its feed-forward on the trailing positions alone
+  (:class:`RowSelectingLayer`): most of HMT's backbone calls read only their last few
+  outputs (a summary, the new memory), and nothing depends on the others.
 """
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -55,6 +58,37 @@ _PASSTHROUGH = {
 }
 
 
+class RowSelectingLayer(TransformerSelfAttentionLayer):
+    """torchtune's self-attention layer, with the outputs of positions ``rows_from..`` only.
+
+    Attention reads every position as before (the kept positions attend to all of them); the
+    residual, the feed-forward norm and the feed-forward network run on the kept positions
+    alone. With ``rows_from=0`` (how ``TransformerDecoder.forward`` calls it) it is the parent
+    layer. Same parameters and state-dict keys; FSDP2 and activation checkpointing wrap it as
+    they wrap the parent (they pass ``rows_from`` through).
+    """
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        mask: Optional[torch.Tensor] = None,
+        input_pos: Optional[torch.Tensor] = None,
+        rows_from: int = 0,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """``[b, s, d]`` -> ``[b, s - rows_from, d]``: the layer's outputs at ``rows_from..``."""
+        h = self.sa_norm(x)
+        attn_out = self.attn(h, h, mask=mask, input_pos=input_pos)
+        h = self.sa_scale(attn_out[:, rows_from:]) + x[:, rows_from:]
+        return h + self.mlp_scale(self.mlp(self.mlp_norm(h)))
+
+
+def _unwrapped(layer: nn.Module) -> nn.Module:
+    # torch's activation-checkpoint wrapper keeps the layer here (and passes kwargs on).
+    return getattr(layer, "_checkpoint_wrapped_module", layer)
+
+
 def _return_hidden(h: torch.Tensor) -> torch.Tensor:
     return h
 
@@ -87,6 +121,9 @@ def drive_decoder(decoder: nn.Module) -> TransformerDecoder:
             "cross-attention or fusion layers. Use a text-only decoder."
         )
     embedding.__class__ = passthrough
+    last = decoder.layers[-1]
+    if type(last) is TransformerSelfAttentionLayer:  # a subclass may compute something else
+        last.__class__ = RowSelectingLayer
     # Chunked output returns a list meant for CEWithChunkedOutputLoss; HMT computes its
     # cross-entropy itself, segment by segment, on the positions that need it.
     decoder.num_output_chunks = 0
@@ -116,6 +153,7 @@ def run_layers(
     *,
     mask: Optional[torch.Tensor] = None,
     input_pos: Optional[torch.Tensor] = None,
+    rows_from: int = 0,
 ) -> torch.Tensor:
     """Decoder layers on embeddings.
 
@@ -126,16 +164,26 @@ def run_layers(
             None for plain causal attention.
         input_pos (Optional[torch.Tensor]): ``[b, s]`` or ``[s]`` RoPE positions, or None
             for ``0..s-1``.
+        rows_from (int): the caller reads positions ``rows_from..`` only; the last layer's
+            feed-forward then runs on those alone (:class:`RowSelectingLayer`).
 
     Returns:
-        torch.Tensor: ``[b, s, d]`` hidden state before the final norm.
+        torch.Tensor: ``[b, s - rows_from, d]`` hidden state before the final norm.
     """
     if mask is None and decoder.caches_are_setup():
         # With a KV cache present (even disabled) torchtune's attention is not causal by
         # default when no mask is given: spell the causal mask out.
         s = embeds.shape[1]
         mask = torch.ones(s, s, dtype=torch.bool, device=embeds.device).tril()[None]
-    return decoder(embeds, mask=mask, input_pos=input_pos)
+    *body, last = decoder.layers
+    if not rows_from or decoder.caches_are_enabled() or not isinstance(_unwrapped(last), RowSelectingLayer):
+        return decoder(embeds, mask=mask, input_pos=input_pos)[:, rows_from:]
+    # TransformerDecoder.forward, with rows_from for the last layer (HMT's calls are checked
+    # against max_seq_len when the model is built, and use no KV cache here).
+    h = decoder.tok_embeddings(embeds)
+    for layer in body:
+        h = layer(h, mask=mask, input_pos=input_pos)
+    return last(h, mask=mask, input_pos=input_pos, rows_from=rows_from)
 
 
 def project(decoder: TransformerDecoder, hidden: torch.Tensor) -> torch.Tensor:

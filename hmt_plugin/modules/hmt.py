@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import replace
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -228,11 +229,13 @@ class HMT(nn.Module):
         attn_mask = positions = None
         if real_tokens is not None:
             attn_mask, positions = ragged_layout([[m, n, m] for n in real_tokens], [m, h, m], ids.device)
+        # Only the trailing mem's outputs are read: the last layer computes those alone.
         hidden = maybe_checkpoint_rows(
-            checkpoint_rows is not None, checkpoint_rows or rows, run_layers, self.backbone, x,
+            checkpoint_rows is not None, checkpoint_rows or rows,
+            partial(run_layers, rows_from=x.shape[1] - m), self.backbone, x,
             mask=attn_mask, input_pos=positions,
         )
-        return self.backbone.norm(hidden[:, hidden.shape[1] - m :])
+        return self.backbone.norm(hidden)
 
     def search_memory(
         self,
@@ -302,6 +305,7 @@ class HMT(nn.Module):
         segment: torch.Tensor,
         real_tokens: Sequence[int],
         *,
+        tokens_from: int = 0,
         checkpoint: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Memory recall: the backbone reads :meth:`segment_embeddings` ``[P_n; sensory; x_n; P_n]``.
@@ -309,11 +313,14 @@ class HMT(nn.Module):
         Args:
             prefix, sensory, segment: as in :meth:`segment_embeddings`.
             real_tokens (Sequence[int]): per row, how many of the ``w`` tokens are real.
+            tokens_from (int): the first of x_n's positions whose hidden state the caller
+                reads (``< w``); the last layer computes only those and the trailing P_n.
             checkpoint (bool): recompute the call in backward instead of keeping activations.
 
         Returns:
-            Tuple: ``[b, w, d]`` hidden states of x_n's positions and ``[b, m, d]`` those of
-            the trailing P_n (None in ``baseline``), before the final norm.
+            Tuple: ``[b, w - tokens_from, d]`` hidden states of x_n's positions
+            ``tokens_from..`` and ``[b, m, d]`` those of the trailing P_n (None in
+            ``baseline``), before the final norm.
         """
         m, z = self.config.memory_tokens_used, self.config.sink_tokens_used
         sensory = self._sensory_read(sensory)
@@ -322,10 +329,11 @@ class HMT(nn.Module):
         counts = [[z, m, k, n, m] for n in real_tokens]
         attn_mask, positions = ragged_layout(counts, [z, m, k, w, m], segment.device)
         hidden = maybe_checkpoint(
-            checkpoint, run_layers, self.backbone, x, mask=attn_mask, input_pos=positions
+            checkpoint, run_layers, self.backbone, x, mask=attn_mask, input_pos=positions,
+            rows_from=z + m + k + tokens_from,
         )
         closing = hidden[:, hidden.shape[1] - m :] if prefix is not None else None
-        return hidden[:, z + m + k : z + m + k + w], closing
+        return hidden[:, : w - tokens_from], closing
 
     def write_memory(self, closing: torch.Tensor, state: HMTState) -> HMTState:
         """Memory write: M_n = final norm of the hidden state at segment n's trailing P_n
@@ -432,10 +440,13 @@ class HMT(nn.Module):
             x, first = rows.segment(n), fresh and n == 0
             summary = None if summaries is None else summaries[:, n]
             prefix, recalled = self.search_memory(carry, summary, first=first, batch=rows.batch)
+            # The state keeps the last position's hidden state whatever the heads read.
+            reads_from = min(heads.reads_from(n, x.shape[1]), x.shape[1] - 1)
             token_hidden, closing = self.read_segment(
-                prefix, None if first else carry.sensory, x, rows.seg_lens[n], checkpoint=checkpoint
+                prefix, None if first else carry.sensory, x, rows.seg_lens[n],
+                tokens_from=reads_from, checkpoint=checkpoint,
             )
-            heads.add(n, token_hidden)
+            heads.add(n, token_hidden, x.shape[1])
             if cfg.uses_memory:
                 carry = self.write_memory(closing, carry)
                 memories.append(carry.memory)

@@ -115,13 +115,44 @@ class SegmentOutputs:
             return False
         return n >= self.rows.n_segments - policy
 
-    def add(self, n: int, token_hidden: torch.Tensor) -> None:
-        """Logits (if kept) and next-token NLL of segment n's ``[b, w, d]`` hidden states,
-        without building a graph for positions no loss needs."""
+    def reads_from(self, n: int, w: int) -> int:
+        """The first of segment n's ``w`` positions whose hidden state :meth:`add` reads (``w``:
+        none). Positions before it get NLL 0 (only with ``all_outputs`` off)."""
+        if self._kept(n) or (self.targets is not None and self.all_outputs):
+            return 0
+        return w if self.targets is None else self._loss_from(n, w)
+
+    def _loss_from(self, n: int, w: int) -> int:
+        """Positions ``loss_from..`` of segment n predict a target of the loss (a row's last
+        segment starts at n or n+1: the last position of segment n predicts the first target
+        of n+1)."""
+        if self.loss_scope == "all":
+            return 0
+        loss_from = w
+        for last in self.rows.last_segments():
+            if last == n:
+                return 0
+            if last == n + 1:
+                loss_from = w - 1
+        return loss_from
+
+    def add(self, n: int, token_hidden: torch.Tensor, w: Optional[int] = None) -> None:
+        """Logits (if kept) and next-token NLL of segment n's hidden states, without building
+        a graph for positions no loss needs.
+
+        Args:
+            n (int): the segment.
+            token_hidden (torch.Tensor): ``[b, w - j, d]`` hidden states of its positions
+                ``j..w-1``, where ``j <= reads_from(n, w)``.
+            w (Optional[int]): the segment's width (None: ``token_hidden``'s, j = 0).
+        """
+        w = token_hidden.shape[1] if w is None else w
+        skipped = w - token_hidden.shape[1]
         keep = self._kept(n)
         if not keep and self.targets is None:
             return
-        start, w = n * self.rows.block, token_hidden.shape[1]
+        assert skipped <= self.reads_from(n, w), "add() needs positions that were not computed"
+        start = n * self.rows.block
         targets = None
         if self.targets is not None:
             nxt = self.targets[:, start + 1 : start + w + 1]
@@ -132,17 +163,7 @@ class SegmentOutputs:
             if targets is not None:
                 self.nll.append(_nll(logits, targets))
             return
-        # Positions loss_from.. predict a target of the loss (a row's last segment starts at
-        # n or n+1: the last position of segment n predicts the first target of n+1).
-        loss_from = w
-        if self.loss_scope == "all":
-            loss_from = 0
-        else:
-            for last in self.rows.last_segments():
-                if last == n:
-                    loss_from = 0
-                elif last == n + 1:
-                    loss_from = min(loss_from, w - 1)
+        loss_from = self._loss_from(n, w)
         parts = []
         if loss_from > 0:
             if self.all_outputs:
@@ -153,7 +174,7 @@ class SegmentOutputs:
         if loss_from < w:
             parts.append(
                 maybe_checkpoint(self.checkpoint, _projected_nll, self.decoder,
-                                 token_hidden[:, loss_from:], targets[:, loss_from:])
+                                 token_hidden[:, loss_from - skipped :], targets[:, loss_from:])
             )
         self.nll.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
 
