@@ -41,6 +41,7 @@ from hmt_plugin.training.data_setup import (
 from hmt_plugin.training.loss import batch_loss
 from hmt_plugin.training.model_setup import (
     lora_settings,
+    optimizer_params,
     set_trainable,
     starting_state_dict,
 )
@@ -80,7 +81,7 @@ class HMTFinetuneRecipeDistributed(HMTTrainingLoop, FTRecipeInterface):
         self._tokenizer = build_tokenizer(cfg.get("tokenizer"))
 
         self._optimizer = config.instantiate(
-            cfg.optimizer, [p for p in self._model.parameters() if p.requires_grad]
+            cfg.optimizer, optimizer_params(self._model, cfg.get("hmt_lr"))
         )
         self._dataloader = build_training_dataloader(
             cfg, self._tokenizer, self._model.config, self.seed,

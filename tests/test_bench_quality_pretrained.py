@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from hmt_plugin.bench import quality, quality_pretrained
+from hmt_plugin.bench.runs import read_metrics
 from tests.assets import TEXT, write_hf_tokenizer
 from tests.hf_checkpoints import write_hf_checkpoint
 
@@ -113,6 +114,30 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     for label in ("rmt", "hmt stage 1", "hmt"):
         assert readers[label]["all"]["tokens"] == res["data"]["scored_tokens_per_reader"]
         assert readers[label] != res["eval"]["readers"][label], label
+
+    # Only the HMT arms, their parameters at their own learning rate (the recipe's hmt_lr).
+    some = quality.main([
+        "--backbone", str(backbone), "--books", str(books), "--quick", "--launcher",
+        "inprocess", "--threads", "1", "--work_dir", str(work), "--max_seq_len", "512", "--reuse",
+        "--memory_sink", "--memory_scale", "embedding", "--runs", "hmt_stage1", "hmt",
+        "--hmt_lr", "1e-2",
+    ])
+    assert set(some["results"]["runs"]) == {"hmt_stage1", "hmt"}
+    assert all(r["wall_s"] is not None for r in some["results"]["runs"].values())
+    readers = some["results"]["eval"]["readers"]
+    assert "rmt" not in readers and "no memory" not in readers and "hmt, recall off" in readers
+    assert "full context (untuned)" in readers
+    for name in ("hmt_stage1", "hmt"):
+        logged = read_metrics(work / "runs" / name / "logs")
+        assert {m["hmt_lr"] for m in logged.values()} and all(m["hmt_lr"] > m["lr"] for m in logged.values())
+
+
+def test_runs_hmt_needs_stage_1(tmp_path, capsys):
+    backbone = write_hf_checkpoint(tmp_path / "model", "llama_tied_gqa", vocab_size=320,
+                                   max_position_embeddings=512)
+    with pytest.raises(SystemExit):
+        quality.main(["--backbone", str(backbone), "--quick", "--runs", "hmt"])
+    assert "add hmt_stage1" in capsys.readouterr().err
 
 
 def test_refuses_a_directory_without_config_json(tmp_path, capsys):

@@ -76,6 +76,9 @@ PRESETS = {
     ),
 }
 
+# The fine-tuning runs, in order.
+RUNS = ("no_memory", "rmt", "hmt_stage1", "hmt")
+
 # reader label -> (run it reads, how it reads); "run" None is the untuned backbone.
 READERS = [
     ("no memory (untuned)", None, "pieces"),
@@ -193,6 +196,8 @@ def train_runs(args, settings: Settings, train_dir: Path, work: Path, cache: Pat
     ]
     out = {}
     for name, mode, segments, steps, start_from in plan:
+        if name not in args.runs:
+            continue
         run_dir = work / "runs" / name
         source, hmt_checkpoint = backbone, None
         if start_from:
@@ -218,6 +223,8 @@ def train_runs(args, settings: Settings, train_dir: Path, work: Path, cache: Pat
             "metric_logger": runs.disk_logger(run_dir / "logs"), "log_every_n_steps": 1,
             "save_every_n_steps": max(1, steps // 4), "keep_last_n_checkpoints": 1,
         }
+        if args.hmt_lr is not None and mode != "baseline":
+            cfg["hmt_lr"] = args.hmt_lr
         tokens_per_step = args.batch_size * segments * settings.new_tokens
         launch = dict(launcher=args.launcher, threads=args.threads, cache_dir=cache)
         out[name] = train_run(args, name, run_dir, cfg, launch, steps, None, tokens_per_step)
@@ -303,6 +310,8 @@ def evaluate(args, settings: Settings, work: Path, pieces: List[List[int]]) -> D
     key = hashlib.sha256(json.dumps(pieces).encode()).hexdigest()[:16]
     results = {}
     for label, run, how in READERS:
+        if run is not None and run not in args.runs:
+            continue
         stem = out_dir / label.replace(" ", "_").replace(",", "")
         meta_path = stem.with_suffix(".json")
         mode, _, init = how.partition(":")
@@ -369,7 +378,7 @@ def summarise(settings: Settings, results: Dict[str, Tuple[np.ndarray, Dict[str,
     for top in ("full context (untuned)",):
         for floor in ("no memory", "no memory (untuned)"):
             span = log_ppl(floor) - log_ppl(top)
-            if floor in r and span > 0:
+            if floor in r and "hmt" in r and span > 0:
                 gaps[f"hmt between {floor} and {top}"] = (log_ppl(floor) - log_ppl("hmt")) / span
                 gaps[f"sliding window between {floor} and {top}"] = (
                     log_ppl(floor) - log_ppl("sliding window")) / span
@@ -490,7 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="store_true",
                    help="LoRA on every projection instead of a full fine-tune")
     g.add_argument("--lora_rank", type=int, default=16)
+    g.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
+                   help="the fine-tuning runs to do (and read); hmt needs hmt_stage1. The untuned "
+                        "readers always run.")
     g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--hmt_lr", type=float, default=None,
+                   help="learning rate of the HMT parameters (recipe key hmt_lr; default: --lr)")
     g.add_argument("--loss_scope", choices=["all", "last"], default="all")
     for name in ("batch_size", "stage1_segments", "stage2_segments", "stage1_steps", "stage2_steps"):
         g.add_argument(f"--{name}", type=int, default=None)
@@ -529,6 +543,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     if not (Path(args.backbone) / "config.json").is_file():
         parser.error(f"--backbone {args.backbone} holds no config.json: point it at a Hugging Face "
                      "checkpoint directory (e.g. the one ../shared/tools/smollm2_135m.sh prints).")
+    if "hmt" in args.runs and "hmt_stage1" not in args.runs:
+        parser.error("--runs hmt starts from hmt_stage1's weights: add hmt_stage1.")
     if args.work_dir is None:
         args.work_dir = f"outputs/bench/quality-{Path(args.backbone).name}"
     if args.out is None:

@@ -132,6 +132,25 @@ def set_trainable(model: HMT, lora: Optional[Dict[str, Any]]) -> List[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
+def optimizer_params(model: nn.Module, hmt_lr: Optional[float] = None) -> List[Any]:
+    """What a recipe hands its optimizer: the trainable parameters, or with ``hmt_lr`` two
+    parameter groups, the backbone's (at ``optimizer.lr``) and HMT's own (initial memory,
+    summary token, recall projections, sink, memory norm) at ``hmt_lr``.
+
+    Why a second rate: the HMT parameters start from scratch while the backbone is already
+    trained; at a fine-tuning rate (5e-5) AdamW moves each of them by about that much per
+    step, so in a short run the recall projections stay where they were initialised. LR
+    schedulers scale both groups by the same factor.
+    """
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if hmt_lr is None:
+        return [p for _, p in trainable]
+    hmt_names = set(model.hmt_parameter_names())
+    backbone = [p for n, p in trainable if n not in hmt_names]
+    hmt = [p for n, p in trainable if n in hmt_names]
+    return [{"params": backbone}, {"params": hmt, "lr": hmt_lr}]
+
+
 def fresh_adapter_state(model: HMT, seed: int) -> Dict[str, torch.Tensor]:
     """Initial LoRA weights as full CPU tensors, drawn per parameter from ``(seed, name)``:
     ``lora_a`` as torchtune draws it (Kaiming-uniform), ``lora_b`` zero. The same on one device

@@ -16,7 +16,7 @@ FINETUNE_KEYS = {
     "metric_logger", "log_every_n_steps", "log_peak_memory_stats", "save_every_n_steps",
     "keep_last_n_checkpoints", "profiler", "validation", "fsdp_cpu_offload",
     "fsdp_reshard_after_forward", "distributed_timeout_s", "log_all_segments",
-    "segment_checkpointing",
+    "segment_checkpointing", "hmt_lr",
 }
 # Top-level keys ending in `_dir` are path variables for `${...}` interpolation
 # (model_dir, backbone_dir, stage1_dir, ...).
@@ -135,6 +135,13 @@ def validate_finetune_config(cfg: DictConfig) -> None:
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
         # Optimizers compare lr with 0 and fail with a bare TypeError on a string.
         raise ConfigError(f"optimizer.lr={lr!r} must be a number, e.g. 3.0e-4.")
+    hmt_lr = cfg.get("hmt_lr")
+    if hmt_lr is not None and (isinstance(hmt_lr, bool) or not isinstance(hmt_lr, (int, float))
+                               or hmt_lr <= 0):
+        raise ConfigError(
+            f"hmt_lr={hmt_lr!r} must be a number > 0 (the learning rate of the HMT parameters, "
+            "e.g. 1.0e-3), or null for optimizer.lr."
+        )
     timeout = cfg.get("distributed_timeout_s")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or timeout <= 0):

@@ -184,7 +184,10 @@ class HMTTrainingLoop:
         if self._lr_scheduler is not None:
             self._lr_scheduler.step()
         self.global_step += 1
-        metrics["lr"] = self._optimizer.param_groups[0]["lr"]
+        groups = self._optimizer.param_groups
+        metrics["lr"] = groups[0]["lr"]
+        if len(groups) > 1:  # hmt_lr: the HMT parameters' group
+            metrics["hmt_lr"] = groups[1]["lr"]
         if self._device.type == "cuda" and self._log_peak_memory_stats:
             metrics.update(training.get_memory_stats(device=self._device))
         return metrics
