@@ -120,13 +120,18 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
         "--backbone", str(backbone), "--books", str(books), "--quick", "--launcher",
         "inprocess", "--threads", "1", "--work_dir", str(work), "--max_seq_len", "512", "--reuse",
         "--memory_sink", "--memory_scale", "embedding", "--runs", "hmt_stage1", "hmt",
-        "--hmt_lr", "1e-2",
+        "--hmt_lr", "1e-2", "--score_scale", "linear",
     ])
     assert set(some["results"]["runs"]) == {"hmt_stage1", "hmt"}
     assert all(r["wall_s"] is not None for r in some["results"]["runs"].values())
     readers = some["results"]["eval"]["readers"]
     assert "rmt" not in readers and "no memory" not in readers and "hmt, recall off" in readers
     assert "full context (untuned)" in readers
+    from omegaconf import OmegaConf
+
+    configs = {n: OmegaConf.load(work / "runs" / f"{n}.yaml") for n in ("hmt_stage1", "hmt")}
+    assert configs["hmt"].model.score_scale == "linear"  # only the mode that recalls
+    assert "score_scale" not in configs["hmt_stage1"].model
     for name in ("hmt_stage1", "hmt"):
         logged = read_metrics(work / "runs" / name / "logs")
         assert {m["hmt_lr"] for m in logged.values()} and all(m["hmt_lr"] > m["lr"] for m in logged.values())

@@ -203,17 +203,19 @@ def test_loss_only_outputs_on_a_single_segment():
 @pytest.mark.distributed
 def test_fsdp_recipe_with_segment_checkpointing_matches_single_device(tmp_path):
     """FSDP2 (2 gloo processes) recomputing each segment in backward, without the all-segment
-    NLL, logs the losses of the plain single-device run with the same global batch."""
+    NLL, logs the losses of the plain single-device run with the same global batch (both with
+    the HMT parameters in their own optimizer group, ``hmt_lr``)."""
     from hmt_plugin.bench.runs import read_metrics
     from tests.recipe_utils import demo_config, run_in_process, run_recipe, write_config
 
     single, dist = tmp_path / "single", tmp_path / "dist"
     run_in_process("hmt_finetune_single_device", demo_config(
-        single, batch_size=4, max_steps_per_epoch=2, save_every_n_steps=None))
+        single, batch_size=4, max_steps_per_epoch=2, save_every_n_steps=None, hmt_lr=1e-2))
     cfg = demo_config(dist, batch_size=2, max_steps_per_epoch=2, save_every_n_steps=None,
-                      segment_checkpointing=True, log_all_segments=False)
+                      segment_checkpointing=True, log_all_segments=False, hmt_lr=1e-2)
     run_recipe("hmt_finetune_distributed", write_config(cfg, tmp_path / "d.yaml"), nproc=2)
     a, b = read_metrics(single / "logs"), read_metrics(dist / "logs")
     assert sorted(a) == sorted(b) == [1, 2]
     for step in a:
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-5), step
+        assert b[step]["hmt_lr"] == pytest.approx(a[step]["hmt_lr"], rel=1e-9), step

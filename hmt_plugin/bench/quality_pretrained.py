@@ -141,6 +141,7 @@ def hf_model_node(args, *, mode: str, segment_length: int, bptt_depth: int,
         **({"memory_scale": args.memory_scale}
            if mode != "baseline" and args.memory_scale != "published" else {}),
         **({"memory_sink": True} if mode != "baseline" and args.memory_sink else {}),
+        **({"score_scale": args.score_scale} if mode == "hmt" and args.score_scale != "sqrt" else {}),
     }
 
 
@@ -377,11 +378,14 @@ def summarise(settings: Settings, results: Dict[str, Tuple[np.ndarray, Dict[str,
     gaps = {}
     for top in ("full context (untuned)",):
         for floor in ("no memory", "no memory (untuned)"):
+            if floor not in r or "hmt" not in r:
+                continue
             span = log_ppl(floor) - log_ppl(top)
-            if floor in r and "hmt" in r and span > 0:
-                gaps[f"hmt between {floor} and {top}"] = (log_ppl(floor) - log_ppl("hmt")) / span
-                gaps[f"sliding window between {floor} and {top}"] = (
-                    log_ppl(floor) - log_ppl("sliding window")) / span
+            if span <= 0:
+                continue
+            for reader in ("hmt", "sliding window"):
+                if reader in r:
+                    gaps[f"{reader} between {floor} and {top}"] = (log_ppl(floor) - log_ppl(reader)) / span
     out["gap_closed"] = gaps
     return out
 
@@ -493,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory_sink", action="store_true",
                    help="a learned sink embedding at position 0 of every memory segment "
                         "(HMTConfig.memory_sink)")
+    g.add_argument("--score_scale", choices=["sqrt", "linear", "published"], default="sqrt",
+                   help="divisor of the recall scores (HMTConfig.score_scale)")
     g.add_argument("--max_seq_len", type=int, default=8192,
                    help="the backbone's RoPE table; at least the full-context reader's window")
     g = p.add_argument_group("fine-tuning (one budget of tokens for every arm)")
