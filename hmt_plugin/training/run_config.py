@@ -107,6 +107,10 @@ def check_component_args(node: Any, where: str) -> None:
             check_component_args(value, f"{where}{key}.")
 
 
+def _positive_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
+
+
 def validate_finetune_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first problem found in a fine-tuning config."""
     check_keys(cfg, FINETUNE_KEYS, "", path_variables=True)
@@ -136,15 +140,13 @@ def validate_finetune_config(cfg: DictConfig) -> None:
         # Optimizers compare lr with 0 and fail with a bare TypeError on a string.
         raise ConfigError(f"optimizer.lr={lr!r} must be a number, e.g. 3.0e-4.")
     hmt_lr = cfg.get("hmt_lr")
-    if hmt_lr is not None and (isinstance(hmt_lr, bool) or not isinstance(hmt_lr, (int, float))
-                               or hmt_lr <= 0):
+    if hmt_lr is not None and not _positive_number(hmt_lr):
         raise ConfigError(
             f"hmt_lr={hmt_lr!r} must be a number > 0 (the learning rate of the HMT parameters, "
             "e.g. 1.0e-3), or null for optimizer.lr."
         )
     timeout = cfg.get("distributed_timeout_s")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or timeout <= 0):
+    if timeout is not None and not _positive_number(timeout):
         raise ConfigError(
             f"distributed_timeout_s={timeout!r} must be a number of seconds > 0 (how long a "
             "rank waits for the others before failing)."
