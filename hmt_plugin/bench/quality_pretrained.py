@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--memory_sink", action="store_true",
                    help="a learned sink embedding at position 0 of every memory segment "
                         "(HMTConfig.memory_sink)")
-    g.add_argument("--score_scale", choices=["sqrt", "linear", "published"], default="sqrt",
+    g.add_argument("--score_scale", choices=["sqrt", "linear", "published", "cosine"], default="sqrt",
                    help="divisor of the recall scores (HMTConfig.score_scale)")
     g.add_argument("--max_seq_len", type=int, default=8192,
                    help="the backbone's RoPE table; at least the full-context reader's window")

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 MODES = ("baseline", "rmt", "hmt_stage1", "hmt")
 MEMORY_INITS = ("mean_embedding", "published")
 MEMORY_SCALES = ("published", "embedding")
-SCORE_SCALES = ("sqrt", "linear", "published")
+SCORE_SCALES = ("sqrt", "linear", "published", "cosine")
 RECALL_DTYPES = (None, "bfloat16", "float16", "float32")
 
 
@@ -39,7 +39,10 @@ class HMTConfig:
         bptt_depth (int): gradients flow back through at most this many segments.
         score_scale (str): recall scores are divided by ``sqrt(d_h)`` (``"sqrt"``), by ``d_h``
             (``"linear"``), or as the published code does (``"published"``: by ``d_h`` when the
-            embedding dim and d_h are both at least 4096, else by ``sqrt(d_h)``).
+            embedding dim and d_h are both at least 4096, else by ``sqrt(d_h)``). ``"cosine"``
+            (not the published function) scores unit-length query and keys, ``sqrt(d_h) * cos``,
+            so large hidden states cannot saturate the softmax (see
+            :func:`~hmt_plugin.modules.recall.recall_scale`).
         recall_dtype (Optional[str]): precision of the memory search. ``None`` (default):
             the model's dtype, scores in float32. ``"bfloat16"``: as the published code runs
             it (projections, query, cached memories and scores in bfloat16, softmax in float32

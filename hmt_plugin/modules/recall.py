@@ -15,14 +15,22 @@ def recall_scale(dim: int, hidden_dim: int, score_scale: str) -> float:
     dim and ``hidden_dim`` are at least 4096 (Llama 2 7B with its default d_h), else
     ``sqrt(hidden_dim)``. (Its generation path always uses ``sqrt``; we use the training rule
     everywhere so a model reads the same way it was trained.)
+
+    ``"cosine"`` is not the published function: :class:`MemoryRecall` then scores unit-length
+    queries and keys, ``sqrt(hidden_dim) * cos(q, k)``. Hidden states of large norm (a memory
+    of norm ~50) make the dot-product scores so large that the softmax is a hard argmax with
+    no gradient; cosine scores keep their differences, and so the softmax, bounded.
     """
     if score_scale == "sqrt":
         return math.sqrt(hidden_dim)
     if score_scale == "linear":
         return float(hidden_dim)
+    if score_scale == "cosine":
+        # Unit query and keys: scores are sqrt(d_h) * cos, bounded whatever the vectors' norms.
+        return 1.0 / math.sqrt(hidden_dim)
     if score_scale == "published":
         return float(hidden_dim) if dim >= 4096 and hidden_dim >= 4096 else math.sqrt(hidden_dim)
-    raise ValueError(f"score_scale={score_scale!r}: use 'sqrt', 'linear' or 'published'.")
+    raise ValueError(f"score_scale={score_scale!r}: use 'sqrt', 'linear', 'published' or 'cosine'.")
 
 
 def recall_torch_dtype(recall_dtype: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
@@ -68,12 +76,15 @@ class MemoryRecall(nn.Module):
         self.q_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.k_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.scale = recall_scale(dim, hidden_dim, score_scale)
+        self.unit_vectors = score_scale == "cosine"
         self.compute_dtype = recall_torch_dtype(recall_dtype)
 
     def _project(self, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if self.compute_dtype is None:
-            return proj(x.to(proj.weight.dtype))
-        return F.linear(x.to(self.compute_dtype), proj.weight.to(self.compute_dtype))
+            out = proj(x.to(proj.weight.dtype))
+        else:
+            out = F.linear(x.to(self.compute_dtype), proj.weight.to(self.compute_dtype))
+        return F.normalize(out, dim=-1) if self.unit_vectors else out
 
     def keys(self, memories: torch.Tensor) -> torch.Tensor:
         """``[b, c, d]`` memory embeddings -> ``[b, c, d_h]`` keys. Computed once per memory,
