@@ -270,7 +270,7 @@ def test_padding_does_not_change_a_row():
         (dict(cache_size=0), "cache_size=0"),
         (dict(bptt_depth=0), "bptt_depth=0"),
         (dict(sum_fraction=1.5), "sum_fraction"),
-        (dict(score_scale="cosine"), "score_scale"),
+        (dict(score_scale="cos"), "score_scale"),
     ],
 )
 def test_bad_settings_are_named(settings, match):
