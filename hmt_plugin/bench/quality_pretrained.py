@@ -55,6 +55,7 @@ from hmt_plugin.bench.report import (
 
 )
 from hmt_plugin.bench.quality import equal_segment_lengths, split_books, train_run
+from hmt_plugin.modules.hmt_config import MEMORY_INITS, MEMORY_SCALES, SCORE_SCALES
 
 SHARED_BOOKS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "gutenberg"
 
@@ -491,13 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--segment_length", type=int, default=256)
     g.add_argument("--num_sensory", type=int, default=32)
     g.add_argument("--cache_size", type=int, default=300)
-    g.add_argument("--memory_init", choices=["mean_embedding", "published"], default="mean_embedding")
-    g.add_argument("--memory_scale", choices=["published", "embedding"], default="published",
+    g.add_argument("--memory_init", choices=MEMORY_INITS, default="mean_embedding")
+    g.add_argument("--memory_scale", choices=MEMORY_SCALES, default="published",
                    help="the length of the written memory (HMTConfig.memory_scale)")
     g.add_argument("--memory_sink", action="store_true",
                    help="a learned sink embedding at position 0 of every memory segment "
                         "(HMTConfig.memory_sink)")
-    g.add_argument("--score_scale", choices=["sqrt", "linear", "published", "cosine"], default="sqrt",
+    g.add_argument("--score_scale", choices=SCORE_SCALES, default="sqrt",
                    help="divisor of the recall scores (HMTConfig.score_scale)")
     g.add_argument("--max_seq_len", type=int, default=8192,
                    help="the backbone's RoPE table; at least the full-context reader's window")
