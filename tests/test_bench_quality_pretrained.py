@@ -66,6 +66,13 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     # Different readers read differently; the recall ablation reads the stage-2 weights.
     assert not np.allclose(arrays["no memory"], arrays["sliding window"])
     assert not np.allclose(arrays["hmt"], arrays["hmt, recall off"])
+    # The stage-2 backbone read as a plain sliding window: other weights than the no-memory
+    # arm's, and the memory's share of HMT's score is paired against it, piece by piece.
+    assert not np.allclose(arrays["sliding window"], arrays["sliding window, hmt backbone"])
+    memory_share = res["eval"]["paired"]["sliding window, hmt backbone minus hmt"]
+    assert len(memory_share["by_piece"]) == res["data"]["eval_pieces"]
+    per_piece = np.nanmean(arrays["sliding window, hmt backbone"] - arrays["hmt"], axis=1)
+    np.testing.assert_allclose(memory_share["by_piece"], per_piece)
     assert not np.allclose(arrays["hmt stage 1, step 0, published init"],
                            arrays["hmt stage 1, step 0, mean-embedding init"])
     distances = res["eval"]["readers"]["hmt"]["recall_distance"]

@@ -93,6 +93,9 @@ READERS = [
     ("hmt stage 1", "hmt_stage1", "hmt_stage1"),
     ("hmt", "hmt", "hmt"),
     ("hmt, recall off", "hmt", "hmt_stage1"),
+    # The stage-2 backbone with no memory at all, in the sliding window: what HMT's
+    # fine-tune did to the backbone as a plain reader, apart from what its memory adds.
+    ("sliding window, hmt backbone", "hmt", "sliding"),
 ]
 
 
@@ -365,11 +368,16 @@ def summarise(settings: Settings, results: Dict[str, Tuple[np.ndarray, Dict[str,
              ("hmt stage 1", "hmt"), ("hmt, recall off", "hmt"), ("no memory", "hmt stage 1"),
              ("sliding window", "hmt stage 1"), ("no memory", "rmt"),
              ("no memory (untuned)", "no memory"),
+             ("sliding window, hmt backbone", "hmt"),
+             ("sliding window", "sliding window, hmt backbone"),
              ("hmt stage 1, step 0, published init", "hmt stage 1, step 0, mean-embedding init")]
     out["paired"] = {}
     for a, b in pairs:
         if a in results and b in results:
             d = paired_difference(results[b][0], results[a][0], block)
+            # Per piece (one per book by default): whether a difference holds book by book
+            # or comes from one book, which the segment-level s.e. cannot tell.
+            d["by_piece"] = [float(x) for x in np.nanmean(results[a][0] - results[b][0], axis=1)]
             out["paired"][f"{a} minus {b}"] = d
     r = out["readers"]
 
@@ -438,9 +446,10 @@ def tables(record: Dict[str, Any]) -> str:
     out.append(markdown_table(head, rows))
     out.append("\n### Paired differences (mean NLL of the first minus the second, same tokens)\n")
     out.append(markdown_table(
-        ["pair", "NLL difference", "s.e.", "PPL ratio"],
+        ["pair", "NLL difference", "s.e.", "PPL ratio", "by piece"],
         [[k, round(v["nll_difference"], 4), round(v["nll_difference_se"], 4),
-          round(math.exp(v["nll_difference"]), 4)] for k, v in ev["paired"].items()]))
+          round(math.exp(v["nll_difference"]), 4),
+          " ".join(f"{x:+.3f}" for x in v.get("by_piece", []))] for k, v in ev["paired"].items()]))
     if ev.get("gap_closed"):
         out.append("\n### Fraction of the log-PPL gap closed\n")
         out.append(markdown_table(["what", "fraction"],
