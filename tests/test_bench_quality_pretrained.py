@@ -104,6 +104,26 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     assert all(r["wall_s"] is None for r in again["results"]["runs"].values())
     assert again["results"]["eval"]["readers"] == res["eval"]["readers"]
 
+    # --seeds: the first seed is the run above (reused), each other one trains every arm
+    # again in <work_dir>/seed<N>; the untuned readers are the same for every seed, read once.
+    seeds = quality.main([
+        "--backbone", str(backbone), "--books", str(books), "--quick", "--launcher",
+        "inprocess", "--threads", "1", "--work_dir", str(work), "--max_seq_len", "512", "--reuse",
+        "--seeds", "0", "1",
+    ])["results"]
+    assert seeds["eval"]["readers"] == res["eval"]["readers"]
+    assert all(r["wall_s"] is not None for r in seeds["runs_by_seed"][1].values())
+    spread = seeds["across_seeds"]
+    assert spread["seeds"] == [0, 1]
+    hmt_ppl = spread["ppl"]["hmt"]["by_seed"]
+    assert hmt_ppl[0] == res["eval"]["readers"]["hmt"]["all"]["ppl"] != hmt_ppl[1]
+    assert spread["ppl"]["hmt"]["sd"] > 0
+    for label in ("no memory (untuned)", "sliding window (untuned)", "full context (untuned)"):
+        assert spread["ppl"][label]["sd"] == 0, label
+        assert not (work / "seed1" / "eval" / f"{label.replace(' ', '_')}.npy").exists()
+    assert set(spread["paired"]) == set(res["eval"]["paired"])
+    assert "Over training seeds 0, 1" in capsys.readouterr().out
+
     # The options outside the published function retrain the memory arms only; the sink
     # takes one more position in their calls, never a new token's place.
     opts = quality.main([
@@ -152,6 +172,18 @@ def test_runs_hmt_needs_stage_1(tmp_path, capsys):
     with pytest.raises(SystemExit):
         quality.main(["--backbone", str(backbone), "--quick", "--runs", "hmt"])
     assert "add hmt_stage1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seeds", "0", "0"], "repeats a seed"),
+    (["--seed", "3", "--seeds", "0", "1"], "give --seed or --seeds"),
+])
+def test_refuses_ambiguous_seeds(tmp_path, capsys, flags, message):
+    backbone = write_hf_checkpoint(tmp_path / "model", "llama_tied_gqa", vocab_size=320,
+                                   max_position_embeddings=512)
+    with pytest.raises(SystemExit):
+        quality.main(["--backbone", str(backbone), "--quick", *flags])
+    assert message in capsys.readouterr().err
 
 
 def test_refuses_a_directory_without_config_json(tmp_path, capsys):

@@ -35,6 +35,7 @@ interrupted benchmark continues where it stopped when called again with ``--reus
 """
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -308,8 +309,12 @@ def read(args, settings: Settings, work: Path, label: str, run: Optional[str], h
     return nll, distances, seconds
 
 
-def evaluate(args, settings: Settings, work: Path, pieces: List[List[int]]) -> Dict[str, Any]:
-    """Every reader, each kept on disk as it finishes (``<work_dir>/eval``)."""
+def evaluate(args, settings: Settings, work: Path, pieces: List[List[int]],
+             seed_free_from: Optional[Path] = None) -> Dict[str, Any]:
+    """Every reader, each kept on disk as it finishes (``<work_dir>/eval``).
+
+    ``seed_free_from``: another seed's ``eval`` folder, whose untuned backbone readers (no
+    run, no HMT parameters: the same for every seed) are taken rather than read again."""
     out_dir = work / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(json.dumps(pieces).encode()).hexdigest()[:16]
@@ -317,17 +322,23 @@ def evaluate(args, settings: Settings, work: Path, pieces: List[List[int]]) -> D
     for label, run, how in READERS:
         if run is not None and run not in args.runs:
             continue
-        stem = out_dir / label.replace(" ", "_").replace(",", "")
+        name = label.replace(" ", "_").replace(",", "")
+        stem = out_dir / name
         meta_path = stem.with_suffix(".json")
         mode, _, init = how.partition(":")
         # What a reader computes: its pieces, its weights (the run's config) and its model
         # (the untuned step-0 readers have no run, but a memory option changes them).
         stamp = {"pieces": key, "run": run, "how": how, "run_config": _run_stamp(work, run),
                  "model": reader_model_node(args, settings, run, mode, init or None)}
-        if args.reuse and meta_path.is_file() and json.loads(meta_path.read_text())["stamp"] == stamp:
-            meta = json.loads(meta_path.read_text())
-            nll = np.load(stem.with_suffix(".npy"))
-            stderr(f"eval {label}: reusing {stem.with_suffix('.npy')}")
+        seed_free = run is None and mode in ("pieces", "sliding", "full")
+        found = [d / name for d in (out_dir if args.reuse else None,
+                                    seed_free_from if seed_free else None) if d is not None]
+        found = [f for f in found if f.with_suffix(".json").is_file()
+                 and json.loads(f.with_suffix(".json").read_text())["stamp"] == stamp]
+        if found:
+            meta = json.loads(found[0].with_suffix(".json").read_text())
+            nll = np.load(found[0].with_suffix(".npy"))
+            stderr(f"eval {label}: reusing {found[0].with_suffix('.npy')}")
         else:
             stderr(f"eval {label}: {len(pieces)} pieces of {settings.eval_tokens} tokens")
             nll, distances, seconds = read(args, settings, work, label, run, how, pieces)
@@ -399,20 +410,60 @@ def summarise(settings: Settings, results: Dict[str, Tuple[np.ndarray, Dict[str,
     return out
 
 
+def across_seeds(evals: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
+    """Each reader's whole-piece PPL and each paired NLL difference, seed by seed, with the
+    mean and the sample standard deviation over seeds (the untuned readers: 0 by design)."""
+    def spread(values: List[float]) -> Dict[str, Any]:
+        return {"by_seed": values, "mean": float(np.mean(values)),
+                "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None}
+
+    first = next(iter(evals.values()))
+    seeds = list(evals)
+    return {
+        "seeds": seeds,
+        "ppl": {label: spread([evals[s]["readers"][label]["all"]["ppl"] for s in seeds])
+                for label in first["readers"]},
+        "paired": {pair: spread([evals[s]["paired"][pair]["nll_difference"] for s in seeds])
+                   for pair in first["paired"]},
+        "gap_closed": {what: spread([evals[s]["gap_closed"][what] for s in seeds])
+                       for what in first.get("gap_closed", {})},
+    }
+
+
 # ---------------------------------------------------------------------------- the benchmark
 def run_benchmark(args: argparse.Namespace) -> Dict[str, Any]:
+    """One seed's benchmark in ``--work_dir``; with ``--seeds``, each further seed's in
+    ``<work_dir>/seed<N>`` (the same books, pieces and token cache), and the spread."""
+    first = run_seed(args, Path(args.work_dir))
+    if len(args.seeds) == 1:
+        return first
+    evals = {args.seeds[0]: first["eval"]}
+    first["runs_by_seed"] = {}
+    for seed in args.seeds[1:]:
+        seed_args = copy.copy(args)
+        seed_args.seed = seed
+        one = run_seed(seed_args, Path(args.work_dir) / f"seed{seed}", shared=Path(args.work_dir))
+        evals[seed] = one["eval"]
+        first["runs_by_seed"][seed] = one["runs"]
+    first["across_seeds"] = across_seeds(evals)
+    return first
+
+
+def run_seed(args: argparse.Namespace, work: Path, shared: Optional[Path] = None) -> Dict[str, Any]:
+    """Train every arm with ``args.seed`` in ``work`` and read them all. ``shared``: the
+    first seed's folder, whose token cache and untuned readers are used again."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    cache = work / "token_cache"
+    cache = (shared or work) / "token_cache"
     settings = Settings(args)
     train_dir, eval_dir, data = split_books(args, work)
     pieces, names = eval_pieces(args, settings, eval_dir, cache)
     data.update(eval_pieces=len(pieces), eval_piece_names=names, eval_tokens=settings.eval_tokens,
                 eval_skip=args.eval_skip, scored_tokens_per_reader=len(pieces) * (settings.eval_tokens - 1))
     training = train_runs(args, settings, train_dir, work, cache)
-    results = evaluate(args, settings, work, pieces)
+    results = evaluate(args, settings, work, pieces,
+                       seed_free_from=None if shared is None else shared / "eval")
     summary = summarise(settings, results, args.context_lengths)
     return {
         "data": data, "runs": training, "eval": summary,
@@ -450,6 +501,15 @@ def tables(record: Dict[str, Any]) -> str:
         [[k, round(v["nll_difference"], 4), round(v["nll_difference_se"], 4),
           round(math.exp(v["nll_difference"]), 4),
           " ".join(f"{x:+.3f}" for x in v.get("by_piece", []))] for k, v in ev["paired"].items()]))
+    spread = res.get("across_seeds")
+    if spread:
+        seeds = ", ".join(map(str, spread["seeds"]))
+        out.append(f"\n### Over training seeds {seeds} (mean ± sample standard deviation)\n")
+        out.append(markdown_table(
+            ["reader or pair", "by seed", "mean", "sd"],
+            [[k, " ".join(f"{x:.4g}" for x in v["by_seed"]), round(v["mean"], 4),
+              None if v["sd"] is None else round(v["sd"], 4)]
+             for part in ("ppl", "paired", "gap_closed") for k, v in spread[part].items()]))
     if ev.get("gap_closed"):
         out.append("\n### Fraction of the log-PPL gap closed\n")
         out.append(markdown_table(["what", "fraction"],
@@ -538,6 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--launcher", choices=runs.LAUNCHERS, default="subprocess")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="train and read every arm once per seed, the first in --work_dir, the "
+                        "others in <work_dir>/seed<N>, and report the spread over seeds "
+                        "(default: --seed alone; each seed costs a whole benchmark's training)")
     g.add_argument("--reuse", action="store_true",
                    help="keep finished runs and readers whose inputs are unchanged; resume an "
                         "interrupted run from its newest step checkpoint")
@@ -559,6 +623,14 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     if not (Path(args.backbone) / "config.json").is_file():
         parser.error(f"--backbone {args.backbone} holds no config.json: point it at a Hugging Face "
                      "checkpoint directory (e.g. the one ../shared/tools/smollm2_135m.sh prints).")
+    if args.seeds is None:
+        args.seeds = [args.seed]
+    elif len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed; give each once.")
+    elif "seed" in explicit and args.seed != args.seeds[0]:
+        parser.error("give --seed or --seeds, not both (--seeds' first seed is the one in "
+                     "--work_dir).")
+    args.seed = args.seeds[0]
     if "hmt" in args.runs and "hmt_stage1" not in args.runs:
         parser.error("--runs hmt starts from hmt_stage1's weights: add hmt_stage1.")
     if args.work_dir is None:
