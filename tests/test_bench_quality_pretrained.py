@@ -69,6 +69,8 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     # The stage-2 backbone read as a plain sliding window: other weights than the no-memory
     # arm's, and the memory's share of HMT's score is paired against it, piece by piece.
     assert not np.allclose(arrays["sliding window"], arrays["sliding window, hmt backbone"])
+    assert not np.allclose(arrays["sliding window, hmt stage 1 backbone"],
+                           arrays["sliding window, hmt backbone"])
     memory_share = res["eval"]["paired"]["sliding window, hmt backbone minus hmt"]
     assert len(memory_share["by_piece"]) == res["data"]["eval_pieces"]
     per_piece = np.nanmean(arrays["sliding window, hmt backbone"] - arrays["hmt"], axis=1)

@@ -94,8 +94,9 @@ READERS = [
     ("hmt stage 1", "hmt_stage1", "hmt_stage1"),
     ("hmt", "hmt", "hmt"),
     ("hmt, recall off", "hmt", "hmt_stage1"),
-    # The stage-2 backbone with no memory at all, in the sliding window: what HMT's
-    # fine-tune did to the backbone as a plain reader, apart from what its memory adds.
+    # Each HMT backbone with no memory at all, in the sliding window: what HMT's fine-tune
+    # did to the backbone as a plain reader, apart from what its memory adds.
+    ("sliding window, hmt stage 1 backbone", "hmt_stage1", "sliding"),
     ("sliding window, hmt backbone", "hmt", "sliding"),
 ]
 
@@ -379,6 +380,7 @@ def summarise(settings: Settings, results: Dict[str, Tuple[np.ndarray, Dict[str,
              ("hmt stage 1", "hmt"), ("hmt, recall off", "hmt"), ("no memory", "hmt stage 1"),
              ("sliding window", "hmt stage 1"), ("no memory", "rmt"),
              ("no memory (untuned)", "no memory"),
+             ("sliding window, hmt stage 1 backbone", "hmt stage 1"),
              ("sliding window, hmt backbone", "hmt"),
              ("sliding window", "sliding window, hmt backbone"),
              ("hmt stage 1, step 0, published init", "hmt stage 1, step 0, mean-embedding init")]
