@@ -332,14 +332,12 @@ def evaluate(args, settings: Settings, work: Path, pieces: List[List[int]],
         stamp = {"pieces": key, "run": run, "how": how, "run_config": _run_stamp(work, run),
                  "model": reader_model_node(args, settings, run, mode, init or None)}
         seed_free = run is None and mode in ("pieces", "sliding", "full")
-        found = [d / name for d in (out_dir if args.reuse else None,
-                                    seed_free_from if seed_free else None) if d is not None]
-        found = [f for f in found if f.with_suffix(".json").is_file()
-                 and json.loads(f.with_suffix(".json").read_text())["stamp"] == stamp]
-        if found:
-            meta = json.loads(found[0].with_suffix(".json").read_text())
-            nll = np.load(found[0].with_suffix(".npy"))
-            stderr(f"eval {label}: reusing {found[0].with_suffix('.npy')}")
+        stored = _stored_reader([d / name for d in (out_dir if args.reuse else None,
+                                                    seed_free_from if seed_free else None)
+                                 if d is not None], stamp)
+        if stored is not None:
+            nll, meta = stored
+            stderr(f"eval {label}: reusing the stored {name}.npy")
         else:
             stderr(f"eval {label}: {len(pieces)} pieces of {settings.eval_tokens} tokens")
             nll, distances, seconds = read(args, settings, work, label, run, how, pieces)
@@ -349,6 +347,17 @@ def evaluate(args, settings: Settings, work: Path, pieces: List[List[int]],
             meta_path.write_text(json.dumps(meta))
         results[label] = (nll, meta)
     return results
+
+
+def _stored_reader(stems: List[Path], stamp: Dict[str, Any]) -> Optional[Tuple[np.ndarray, Dict[str, Any]]]:
+    """The first of ``stems`` whose stored reader (``.npy`` and ``.json``) has ``stamp``."""
+    for stem in stems:
+        meta_path = stem.with_suffix(".json")
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta["stamp"] == stamp:
+                return np.load(stem.with_suffix(".npy")), meta
+    return None
 
 
 def _run_stamp(work: Path, run: Optional[str]) -> Optional[str]:
