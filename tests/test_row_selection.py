@@ -7,17 +7,73 @@ import torch
 from torchtune.modules import TransformerSelfAttentionLayer
 
 from hmt_plugin.models import hmt_tiny, lora_hmt_tiny
-from hmt_plugin.modules.backbone import RowSelectingLayer, run_layers
+from hmt_plugin.modules.backbone import RowSelectingLayer, TrailingQueryRoPE, drive_decoder, run_layers
 from hmt_plugin.modules.layout import ragged_layout
 from hmt_plugin.training.loss import batch_loss
 
 SMALL = dict(segment_length=24, num_sensory=4, recall_hidden_dim=16, cache_size=3, bptt_depth=8)
 
 
-def _mlp_rows(layer):
+def _mlp_rows(layer, module="mlp"):
     seen = []
-    handle = layer.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    handle = layer.get_submodule(module).register_forward_hook(
+        lambda m, args, out: seen.append(args[0].shape[1]))
     return seen, handle
+
+
+def _llama3_2():  # GQA and Llama 3's scaled RoPE
+    from torchtune.models.llama3_2 import llama3_2
+
+    return llama3_2(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=32,
+                    max_seq_len=64, intermediate_dim=48)
+
+
+def _qwen2():  # biases on the query, key and value projections
+    from torchtune.models.qwen2 import qwen2
+
+    return qwen2(vocab_size=64, num_layers=2, num_heads=4, num_kv_heads=1, embed_dim=32,
+                 intermediate_dim=48, max_seq_len=64)
+
+
+@pytest.mark.parametrize("build", [_llama3_2, _qwen2])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_queries_of_the_kept_rows_alone(build, ragged):
+    """The last layer projects queries (and attention outputs) for the kept rows only, at their
+    own positions, with the same outputs and input gradients as the whole layer."""
+    torch.manual_seed(0)
+    decoder = drive_decoder(build()).train()
+    last = decoder.layers[-1]
+    assert isinstance(last.attn.pos_embeddings, TrailingQueryRoPE)
+    s, j = 20, 17
+    mask = positions = None
+    if ragged:
+        mask, positions = ragged_layout([[1, 9, 1], [1, 18, 1]], [1, 18, 1], torch.device("cpu"))
+    x = torch.randn(2, s, 32, requires_grad=True)
+    seen, handle = _mlp_rows(last, "attn.q_proj")
+    part = run_layers(decoder, x, mask=mask, input_pos=positions, rows_from=j)
+    handle.remove()
+    assert seen == [s - j]
+    (grad_part,) = torch.autograd.grad(part.square().sum(), x)
+    whole = run_layers(decoder, x, mask=mask, input_pos=positions)
+    (grad_whole,) = torch.autograd.grad(whole[:, j:].square().sum(), x)
+    torch.testing.assert_close(part, whole[:, j:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_part, grad_whole, rtol=1e-5, atol=1e-6)
+
+
+def test_without_the_trailing_query_rope_every_row_is_computed():
+    """A last layer whose RoPE cannot place a shorter query (replaced after the decoder was
+    prepared) computes every row's query and slices: the same outputs, never misplaced ones."""
+    torch.manual_seed(0)
+    decoder = drive_decoder(_llama3_2()).eval()
+    last = decoder.layers[-1]
+    x = torch.randn(2, 20, 32)
+    expected = run_layers(decoder, x, rows_from=10)
+    last.attn.pos_embeddings = last.attn.pos_embeddings.rope
+    seen, handle = _mlp_rows(last, "attn.q_proj")
+    got = run_layers(decoder, x, rows_from=10)
+    handle.remove()
+    assert seen == [20]
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("ragged", [False, True])

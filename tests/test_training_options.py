@@ -136,7 +136,10 @@ def test_loss_only_nll_is_zero_outside_the_last_segment():
     block = model.config.tokens_per_segment
     starts = [((n - 1) // block) * block for n in (100, 50)]
     for row, (n, start) in enumerate(zip([100, 50], starts)):
-        assert torch.equal(lean.nll[row, start:n], full.nll[row, start:n])
+        # Within fp32 rounding: the two read different rows, so attention runs on
+        # differently shaped queries.
+        torch.testing.assert_close(lean.nll[row, start:n], full.nll[row, start:n],
+                                   rtol=1e-6, atol=1e-6)
     # Segments in which no row has loss targets are skipped for the whole batch.
     first = min(starts)
     assert not lean.nll[:, :first].any() and full.nll[:, 1:first].all()

@@ -13,9 +13,9 @@ its parameters, its state-dict keys or torchtune's code:
   norm and HMT projects only the positions a loss or a caller needs, with the decoder's
   own (class-level) ``unembed``: norm, output projection (``nn.Linear``, LoRA or
   ``TiedLinear``) and the cast to float32;
-* the last layer can run its feed-forward on the trailing positions alone
-  (:class:`RowSelectingLayer`): most of HMT's backbone calls read only their last few
-  outputs (a summary, the new memory), and nothing depends on the others.
+* the last layer can compute the trailing positions alone (:class:`RowSelectingLayer`):
+  most of HMT's backbone calls read only their last few outputs (a summary, the new
+  memory), and nothing depends on the others.
 """
 
 import math
@@ -58,14 +58,37 @@ _PASSTHROUGH = {
 }
 
 
+class TrailingQueryRoPE(nn.Module):
+    """A layer's rotary embedding, for queries that are the trailing rows of the keys' sequence.
+
+    torchtune's attention applies one ``input_pos`` to its queries and to its keys. Given the
+    keys' positions, this rotates a shorter query by their last ``q.shape[1]`` entries, which
+    lets :class:`RowSelectingLayer` compute queries for the kept rows alone. For a query as
+    long as its keys (every other call: training, prefill, KV-cache decoding) it is ``rope``.
+    No parameters and no persistent buffers: state-dict keys do not change.
+    """
+
+    def __init__(self, rope: nn.Module) -> None:
+        super().__init__()
+        self.rope = rope
+
+    def forward(self, x: torch.Tensor, *, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[b, s_x, n_h, h_d]`` -> the same, rotated; ``input_pos`` ``[b, s_y]`` or ``[s_y]``."""
+        if input_pos is not None and input_pos.shape[-1] != x.shape[1]:
+            input_pos = input_pos[..., input_pos.shape[-1] - x.shape[1]:]
+        return self.rope(x, input_pos=input_pos)
+
+
 class RowSelectingLayer(TransformerSelfAttentionLayer):
     """torchtune's self-attention layer, with the outputs of positions ``rows_from..`` only.
 
-    Attention reads every position as before (the kept positions attend to all of them); the
-    residual, the feed-forward norm and the feed-forward network run on the kept positions
-    alone. With ``rows_from=0`` (how ``TransformerDecoder.forward`` calls it) it is the parent
-    layer. Same parameters and state-dict keys; FSDP2 and activation checkpointing wrap it as
-    they wrap the parent (they pass ``rows_from`` through).
+    The kept positions attend to every position as before (keys and values are computed for
+    all of them); their queries, the attention output projection, the residual, the
+    feed-forward norm and the feed-forward network are computed for the kept positions alone.
+    With ``rows_from=0`` (how ``TransformerDecoder.forward`` calls it) it is the parent layer.
+    Same parameters and state-dict keys; FSDP2 and activation checkpointing wrap it as they
+    wrap the parent (they pass ``rows_from`` through). Its attention's rotary embedding is a
+    :class:`TrailingQueryRoPE` (:func:`drive_decoder` installs both).
     """
 
     def forward(
@@ -79,8 +102,23 @@ class RowSelectingLayer(TransformerSelfAttentionLayer):
     ) -> torch.Tensor:
         """``[b, s, d]`` -> ``[b, s - rows_from, d]``: the layer's outputs at ``rows_from..``."""
         h = self.sa_norm(x)
-        attn_out = self.attn(h, h, mask=mask, input_pos=input_pos)
-        h = self.sa_scale(attn_out[:, rows_from:]) + x[:, rows_from:]
+        # Queries for the kept rows alone need their positions (TrailingQueryRoPE) and a
+        # tensor mask; otherwise every row is computed and the kept ones sliced out.
+        rope = self.attn.pos_embeddings
+        if (rows_from and (rope is None or isinstance(rope, TrailingQueryRoPE))
+                and (mask is None or isinstance(mask, torch.Tensor))):
+            s = x.shape[1]
+            if mask is None:  # causal: kept row i (position rows_from + i) sees keys 0..rows_from + i
+                mask = torch.ones(s - rows_from, s, dtype=torch.bool, device=x.device)
+                mask = mask.tril(diagonal=rows_from)[None]
+            else:
+                mask = mask[:, rows_from:]
+            if input_pos is None:
+                input_pos = torch.arange(s, device=x.device)
+            attn_out = self.attn(h[:, rows_from:], h, mask=mask, input_pos=input_pos)
+        else:
+            attn_out = self.attn(h, h, mask=mask, input_pos=input_pos)[:, rows_from:]
+        h = self.sa_scale(attn_out) + x[:, rows_from:]
         return h + self.mlp_scale(self.mlp(self.mlp_norm(h)))
 
 
@@ -124,6 +162,8 @@ def drive_decoder(decoder: nn.Module) -> TransformerDecoder:
     last = decoder.layers[-1]
     if type(last) is TransformerSelfAttentionLayer:  # a subclass may compute something else
         last.__class__ = RowSelectingLayer
+        if last.attn.pos_embeddings is not None:
+            last.attn.pos_embeddings = TrailingQueryRoPE(last.attn.pos_embeddings)
     # Chunked output returns a list meant for CEWithChunkedOutputLoss; HMT computes its
     # cross-entropy itself, segment by segment, on the positions that need it.
     decoder.num_output_chunks = 0
@@ -164,8 +204,8 @@ def run_layers(
             None for plain causal attention.
         input_pos (Optional[torch.Tensor]): ``[b, s]`` or ``[s]`` RoPE positions, or None
             for ``0..s-1``.
-        rows_from (int): the caller reads positions ``rows_from..`` only; the last layer's
-            feed-forward then runs on those alone (:class:`RowSelectingLayer`).
+        rows_from (int): the caller reads positions ``rows_from..`` only; the last layer then
+            computes those alone (:class:`RowSelectingLayer`).
 
     Returns:
         torch.Tensor: ``[b, s - rows_from, d]`` hidden state before the final norm.
