@@ -75,6 +75,11 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     assert len(memory_share["by_piece"]) == res["data"]["eval_pieces"]
     per_piece = np.nanmean(arrays["sliding window, hmt backbone"] - arrays["hmt"], axis=1)
     np.testing.assert_allclose(memory_share["by_piece"], per_piece)
+    # ...and from the second segment on, where a memory has been carried.
+    block = n
+    later = arrays["sliding window, hmt backbone"][:, block:] - arrays["hmt"][:, block:]
+    np.testing.assert_allclose(memory_share["after_first_segment"]["nll_difference"],
+                               later.mean(), rtol=1e-5)
     assert not np.allclose(arrays["hmt stage 1, step 0, published init"],
                            arrays["hmt stage 1, step 0, mean-embedding init"])
     distances = res["eval"]["readers"]["hmt"]["recall_distance"]

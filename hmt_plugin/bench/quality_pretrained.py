@@ -400,6 +400,10 @@ def summarise(settings: Settings, results: Dict[str, Tuple[np.ndarray, Dict[str,
             # Per piece (one per book by default): whether a difference holds book by book
             # or comes from one book, which the segment-level s.e. cannot tell.
             d["by_piece"] = [float(x) for x in np.nanmean(results[a][0] - results[b][0], axis=1)]
+            # From segment 2 on: in segment 1 nothing is carried yet (a learned first memory
+            # is a trained prefix there), so this is what a memory passed on is worth.
+            later = paired_difference(results[b][0][:, block:], results[a][0][:, block:], block)
+            d["after_first_segment"] = {k: later[k] for k in ("nll_difference", "nll_difference_se")}
             out["paired"][f"{a} minus {b}"] = d
     r = out["readers"]
 
@@ -490,6 +494,10 @@ def _ppl(score: Dict[str, float]) -> str:
     return f"{score['ppl']:.2f} ± {score['ppl_high'] - score['ppl']:.2f}"
 
 
+def _difference(d: Optional[Dict[str, float]]) -> str:
+    return "" if d is None else f"{d['nll_difference']:+.4f} ± {d['nll_difference_se']:.4f}"
+
+
 def tables(record: Dict[str, Any]) -> str:
     res = record["results"]
     ev, data, sizes = res["eval"], res["data"], res["sizes"]
@@ -508,10 +516,11 @@ def tables(record: Dict[str, Any]) -> str:
     out.append(markdown_table(head, rows))
     out.append("\n### Paired differences (mean NLL of the first minus the second, same tokens)\n")
     out.append(markdown_table(
-        ["pair", "NLL difference", "s.e.", "PPL ratio", "by piece"],
+        ["pair", "NLL difference", "s.e.", "PPL ratio", "by piece", "segments 2.. (± s.e.)"],
         [[k, round(v["nll_difference"], 4), round(v["nll_difference_se"], 4),
           round(math.exp(v["nll_difference"]), 4),
-          " ".join(f"{x:+.3f}" for x in v.get("by_piece", []))] for k, v in ev["paired"].items()]))
+          " ".join(f"{x:+.3f}" for x in v.get("by_piece", [])),
+          _difference(v.get("after_first_segment"))] for k, v in ev["paired"].items()]))
     spread = res.get("across_seeds")
     if spread:
         seeds = ", ".join(map(str, spread["seeds"]))
