@@ -76,8 +76,7 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     per_piece = np.nanmean(arrays["sliding window, hmt backbone"] - arrays["hmt"], axis=1)
     np.testing.assert_allclose(memory_share["by_piece"], per_piece)
     # ...and from the second segment on, where a memory has been carried.
-    block = n
-    later = arrays["sliding window, hmt backbone"][:, block:] - arrays["hmt"][:, block:]
+    later = arrays["sliding window, hmt backbone"][:, n:] - arrays["hmt"][:, n:]
     np.testing.assert_allclose(memory_share["after_first_segment"]["nll_difference"],
                                later.mean(), rtol=1e-5)
     assert not np.allclose(arrays["hmt stage 1, step 0, published init"],
