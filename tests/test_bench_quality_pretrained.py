@@ -101,6 +101,11 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
         r = diag["results"][label]
         assert r["carried"]["tokens"] == r["not_carried"]["tokens"] > 0
         assert r["memory_norm_median"] > 0 and r["embedding_norm_median"] > 0
+        sim = r["similarity"]
+        assert set(sim) == {"raw", "centred_neighbours", "centred_same_document",
+                            "centred_across_documents", "shared_fraction"}
+        assert all(-1.0 <= v <= 1.0 for v in sim.values()) and sim["shared_fraction"] > 0
+    assert "Cosine between the written memories" in capsys.readouterr().out
 
     # --reuse: nothing is trained or read again, and the figures are the same.
     again = quality.main([

@@ -9,7 +9,9 @@ given the learned first-segment memory instead of the memory its predecessor wro
 (``carry_memory=False``: the same sensory tokens and layout, nothing carried). The sliding
 window of the no-memory arm is read beside them, and the norm of the memories each model
 writes beside that of the token embeddings. A carried memory that helps makes the first
-reading better than the second.
+reading better than the second. The memories each model writes over the pieces are also
+compared with one another (:func:`~hmt_plugin.eval.memory_similarity.memory_similarity`): a
+memory that carries its segment is closer to its neighbours than to other documents' memories.
 """
 
 import argparse
@@ -25,6 +27,7 @@ from hmt_plugin.bench.report import BenchRun, machine_info, markdown_table, stde
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    from hmt_plugin.eval.memory_similarity import memory_similarity
     from hmt_plugin.eval.token_nll import band_scores, hmt_token_nll, paired_difference, window_token_nll
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -50,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         ("hmt stage 1", "hmt_stage1", "hmt_stage1"),
         ("hmt, recall off", "hmt", "hmt_stage1"),
     ]
-    results, rows = {}, []
+    results, rows, similarity_rows = {}, [], []
     for label, run, mode in readers:
         model = qp.load_reader_model(bench, settings, work, run, mode)
         if model.config.mode != mode:
@@ -60,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         replaced = hmt_token_nll(model, pieces, batch_size=bench.eval_batch_size, carry_memory=False)
         diff = paired_difference(carried, replaced, block)
         with torch.inference_mode():
-            written = model(torch.tensor(pieces[:2]), logits="none").memories
+            written = model(torch.tensor(pieces), logits="none").memories
         embeddings = model.backbone.tok_embeddings.weight.detach().float()
         results[label] = {
             # What the next segment gets at position 0, against what it was pretrained on.
@@ -70,12 +73,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             "carried": band_scores(carried, [(1, settings.eval_tokens)], block)[0].to_dict(),
             "not_carried": band_scores(replaced, [(1, settings.eval_tokens)], block)[0].to_dict(),
             "not_carried_minus_carried": diff,
+            "similarity": memory_similarity(written),
         }
         r = results[label]
         rows.append([label, r["carried"]["ppl"], r["not_carried"]["ppl"],
                      round(diff["nll_difference"], 4), round(diff["nll_difference_se"], 4),
                      round(r["memory_norm_median"], 2), round(r["embedding_norm_median"], 2),
                      round(r["initial_memory_norm"], 2)])
+        similarity_rows.append([label] + [round(v, 3) for v in r["similarity"].values()])
     model = qp.load_reader_model(bench, settings, work, "no_memory", "baseline")
     sliding = window_token_nll(model.backbone, pieces, window=settings.sliding_window,
                                stride=settings.new_tokens, batch_size=4 * bench.eval_batch_size)
@@ -86,6 +91,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                             "PPL, memory not carried", "NLL not carried - carried", "s.e.",
                             "written memory norm (median)", "embedding norm (median)",
                             "first memory norm"], rows)
+    table += "\n\nCosine between the written memories (centred: after subtracting their mean)\n\n"
+    table += markdown_table(["reader (training-book pieces)", "raw", "centred, neighbours",
+                             "centred, same document", "centred, across documents",
+                             "shared fraction"], similarity_rows)
     return bench_run.finish(args.out or work / "memory_diagnostic.json", lambda record: table,
                       settings={**vars(args), "books": str(train_dir), "pieces_from": names[: args.pieces]},
                       results=results, machine=machine_info(bench.device, bench.dtype))
