@@ -176,6 +176,10 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
         assert logged and all(m["hmt_lr"] * 5e-5 == pytest.approx(m["lr"] * 1e-2, abs=1e-15)
                               for m in logged.values())
 
+    # The diagnostic reads what such a run trained: no no-memory arm, so no sliding window.
+    diag = memory_diagnostic.main(["--work_dir", str(work), "--pieces", "2"])
+    assert set(diag["results"]) == {"untuned, hmt_stage1", "hmt stage 1", "hmt, recall off"}
+
 
 def test_runs_hmt_needs_stage_1(tmp_path, capsys):
     backbone = write_hf_checkpoint(tmp_path / "model", "llama_tied_gqa", vocab_size=320,

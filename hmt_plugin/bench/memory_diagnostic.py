@@ -48,10 +48,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     pieces, names = qp.eval_pieces(bench, settings, train_dir, work / "token_cache")
     pieces = pieces[: args.pieces]
     block = settings.new_tokens
+    # A run made with --runs reads the models it trained (the untuned backbone always).
+    trained = set(record["settings"].get("runs") or qp.RUNS)
     readers = [
-        ("untuned, hmt_stage1", None, "hmt_stage1"),
-        ("hmt stage 1", "hmt_stage1", "hmt_stage1"),
-        ("hmt, recall off", "hmt", "hmt_stage1"),
+        (label, run, mode) for label, run, mode in (
+            ("untuned, hmt_stage1", None, "hmt_stage1"),
+            ("hmt stage 1", "hmt_stage1", "hmt_stage1"),
+            ("hmt, recall off", "hmt", "hmt_stage1"),
+        ) if run is None or run in trained
     ]
     results, rows, similarity_rows = {}, [], []
     for label, run, mode in readers:
@@ -81,12 +85,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                      round(r["memory_norm_median"], 2), round(r["embedding_norm_median"], 2),
                      round(r["initial_memory_norm"], 2)])
         similarity_rows.append([label] + [round(v, 3) for v in r["similarity"].values()])
-    model = qp.load_reader_model(bench, settings, work, "no_memory", "baseline")
-    sliding = window_token_nll(model.backbone, pieces, window=settings.sliding_window,
-                               stride=settings.new_tokens, batch_size=4 * bench.eval_batch_size)
-    results["sliding window (no-memory arm)"] = band_scores(sliding, [(1, settings.eval_tokens)], block)[0].to_dict()
-    rows.append(["sliding window (no-memory arm)", results["sliding window (no-memory arm)"]["ppl"],
-                 None, None, None, None, None, None])
+    if "no_memory" in trained:
+        model = qp.load_reader_model(bench, settings, work, "no_memory", "baseline")
+        sliding = window_token_nll(model.backbone, pieces, window=settings.sliding_window,
+                                   stride=settings.new_tokens, batch_size=4 * bench.eval_batch_size)
+        label = "sliding window (no-memory arm)"
+        results[label] = band_scores(sliding, [(1, settings.eval_tokens)], block)[0].to_dict()
+        rows.append([label, results[label]["ppl"], None, None, None, None, None, None])
     table = markdown_table(["reader (training-book pieces)", "PPL, memory carried",
                             "PPL, memory not carried", "NLL not carried - carried", "s.e.",
                             "written memory norm (median)", "embedding norm (median)",
