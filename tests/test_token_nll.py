@@ -54,6 +54,16 @@ def test_hmt_reader_does_not_depend_on_call_size_and_counts_recalls(pieces):
     assert counts_a[-1] == 3  # each piece's first segment has nothing to recall
 
 
+def test_hmt_reader_collects_the_memories_one_call_writes(pieces):
+    model = _model("hmt_stage1", segment_length=24, num_sensory=4)
+    written = []
+    hmt_token_nll(model, pieces, chunk_segments=1, batch_size=2, memories=written)
+    assert [m.shape[0] for m in written] == [2, 1]  # one tensor per batch of pieces
+    with torch.inference_mode():
+        whole = model(torch.tensor(pieces), logits="none").memories
+    torch.testing.assert_close(torch.cat(written), whole, rtol=0, atol=1e-5)
+
+
 def test_band_scores_and_paired_difference():
     nll = np.full((2, 9), np.nan)
     nll[:, 1:] = [[1, 1, 1, 2, 2, 2, 3, 3], [1, 1, 1, 2, 2, 2, 3, 5]]

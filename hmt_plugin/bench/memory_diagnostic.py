@@ -63,11 +63,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if model.config.mode != mode:
             model.set_mode(mode, keep_tokens_per_segment=True)
         stderr(f"reading {label} with and without the carried memory")
-        carried = hmt_token_nll(model, pieces, batch_size=bench.eval_batch_size)
+        written = []  # the memories of the carried reading, from the same calls
+        carried = hmt_token_nll(model, pieces, batch_size=bench.eval_batch_size, memories=written)
         replaced = hmt_token_nll(model, pieces, batch_size=bench.eval_batch_size, carry_memory=False)
         diff = paired_difference(carried, replaced, block)
-        with torch.inference_mode():
-            written = model(torch.tensor(pieces), logits="none").memories
+        written = torch.cat(written)
         embeddings = model.backbone.tok_embeddings.weight.detach().float()
         results[label] = {
             # What the next segment gets at position 0, against what it was pretrained on.

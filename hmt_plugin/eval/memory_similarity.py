@@ -22,9 +22,9 @@ def _mean_cosine(vectors: torch.Tensor, pairs: torch.Tensor) -> float:
 def memory_similarity(memories: torch.Tensor) -> Dict[str, float]:
     """Cosine similarities between the memories written over a batch of documents.
 
-    Centring on the mean of the memories given makes the centred vectors sum to zero, so with
-    ``n`` memories of equal length the mean centred cosine over all pairs is ``-1 / (n - 1)``:
-    compare the centred figures with one another, not with zero.
+    Centring on the mean of the memories given makes the centred vectors sum to zero, so when
+    the ``n`` centred memories are of equal length their mean cosine over all pairs is
+    ``-1 / (n - 1)``: compare the centred figures with one another, not with zero.
 
     Args:
         memories (torch.Tensor): ``[b, s, m, d]`` (as in :class:`~hmt_plugin.modules.HMTOutput`)

@@ -48,6 +48,7 @@ def hmt_token_nll(
     device: Optional[torch.device] = None,
     recall_distances: Optional[Dict[int, int]] = None,
     carry_memory: bool = True,
+    memories: Optional[List[torch.Tensor]] = None,
 ) -> np.ndarray:
     """``[pieces, length]`` NLL of each token under ``model`` in its current mode.
 
@@ -62,6 +63,9 @@ def hmt_token_nll(
             (``initial_memory``) instead of the memory the previous segment wrote, so the
             reader keeps its sensory tokens and its layout but carries nothing. Reads one
             segment per call.
+        memories: if given (a memory mode), the memories written while reading are appended
+            to it, one ``[rows, segments, m, d]`` tensor per batch of pieces, on the model's
+            device: ``torch.cat(memories)`` is ``[pieces, segments, m, d]``.
     """
     tokens = _stack(pieces)
     device = device or next(model.parameters()).device
@@ -81,7 +85,7 @@ def hmt_token_nll(
     try:
         for lo in range(0, n, batch_size):
             rows = tokens[lo : lo + batch_size].to(device)
-            state, parts = None, []
+            state, parts, written = None, [], []
             for start in range(0, length, step):
                 chunk = rows[:, start : start + step]
                 result = model(chunk, labels=chunk, state=state, logits="none")
@@ -89,10 +93,14 @@ def hmt_token_nll(
                 if not carry_memory:
                     state.memory = model.initial_memory.to(state.memory).expand_as(state.memory)
                 parts.append(result.nll.float())
+                if memories is not None:
+                    written.append(result.memories)
                 if recall_distances is not None and result.recall_scores is not None:
                     distances.append(result.recall_distance(model.config.num_memory_tokens).flatten())
             # One transfer per batch of pieces, not one per call.
             out[lo : lo + len(rows)] = torch.cat(parts, dim=1).cpu().double().numpy()
+            if memories is not None:
+                memories.append(torch.cat(written, dim=1))
     finally:
         model.train(was_training)
     if distances:
