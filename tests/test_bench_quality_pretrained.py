@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from hmt_plugin.bench import quality, quality_pretrained
 from hmt_plugin.bench.runs import read_metrics
@@ -49,6 +50,13 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     budgets = {name: r["train_tokens"] for name, r in res["runs"].items()}
     assert budgets["no_memory"] == budgets["rmt"] == budgets["hmt_stage1"] + budgets["hmt"]
     assert budgets["no_memory"] == sizes["train_tokens_per_arm"]
+    # The full-context arm: the same budget to within half a step, in windows of one piece.
+    full = res["runs"]["full_context"]
+    assert full["tokens_per_step"] == res["data"]["eval_tokens"]
+    assert abs(budgets["full_context"] - budgets["no_memory"]) <= full["tokens_per_step"] / 2
+    full_cfg = OmegaConf.load(work / "runs" / "full_context.yaml").model
+    assert (full_cfg.mode, full_cfg.segment_length, full_cfg.bptt_depth) == (
+        "baseline", res["data"]["eval_tokens"], 1)
 
     labels = [label for label, _, _ in quality_pretrained.READERS]
     assert list(res["eval"]["readers"]) == labels
@@ -65,6 +73,15 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
         assert scored == res["data"]["scored_tokens_per_reader"], label
     # Different readers read differently; the recall ablation reads the stage-2 weights.
     assert not np.allclose(arrays["no memory"], arrays["sliding window"])
+    assert not np.allclose(arrays["full context"], arrays["full context (untuned)"])
+    # The gap closed is measured to the fine-tuned full context and to the untuned one.
+    gaps, mean = res["eval"]["gap_closed"], lambda label: np.nanmean(arrays[label])
+    for top in ("full context", "full context (untuned)"):
+        span, key = mean("no memory") - mean(top), f"hmt between no memory and {top}"
+        if span > 0:
+            assert gaps[key] == pytest.approx((mean("no memory") - mean("hmt")) / span, rel=1e-4)
+        else:
+            assert key not in gaps
     assert not np.allclose(arrays["hmt"], arrays["hmt, recall off"])
     # The stage-2 backbone read as a plain sliding window: other weights than the no-memory
     # arm's, and the memory's share of HMT's score is paired against it, piece by piece.
@@ -165,8 +182,6 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     readers = some["results"]["eval"]["readers"]
     assert "rmt" not in readers and "no memory" not in readers and "hmt, recall off" in readers
     assert "full context (untuned)" in readers
-    from omegaconf import OmegaConf
-
     configs = {n: OmegaConf.load(work / "runs" / f"{n}.yaml") for n in ("hmt_stage1", "hmt")}
     assert configs["hmt"].model.score_scale == "linear"  # only the mode that recalls
     assert "score_scale" not in configs["hmt_stage1"].model

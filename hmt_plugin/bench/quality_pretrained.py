@@ -21,7 +21,10 @@ Steps:
    * ``rmt``: the memory embedding carried, no sensory tokens, the same new tokens;
    * ``hmt_stage1``: sensory tokens and carried memory, ``--stage1_segments`` per window;
    * ``hmt``: stage 2, recall on, from stage 1's weights, ``--stage2_segments`` per window
-     (long enough for the cache to hold memories to choose from).
+     (long enough for the cache to hold memories to choose from);
+   * ``full_context``: the backbone alone on windows as long as a held-out piece, the upper
+     bound fine-tuned like the others (in the ``cuda`` and ``quick`` presets; on 2 CPU cores
+     it adds about 20 minutes, so there it runs only when ``--runs`` names it).
 
 3. Every reader scores the same tokens of the same held-out pieces (``--eval_tokens`` tokens,
    whole segments, from ``--eval_skip`` tokens into each book), position by position
@@ -65,21 +68,26 @@ PRESETS = {
     "cpu": dict(
         dtype="fp32", batch_size=1, stage1_segments=4, stage2_segments=8, stage1_steps=60,
         stage2_steps=24, eval_segments=18, pieces_per_book=1, eval_batch_size=2, threads=2,
+        runs=["no_memory", "rmt", "hmt_stage1", "hmt"],
     ),
     "cuda": dict(
         dtype="bf16", batch_size=8, stage1_segments=4, stage2_segments=15, stage1_steps=150,
         stage2_steps=60, eval_segments=36, pieces_per_book=4, eval_batch_size=8, threads=None,
+        runs=["no_memory", "rmt", "hmt_stage1", "hmt", "full_context"],
     ),
     "quick": dict(
         dtype="fp32", batch_size=1, stage1_segments=2, stage2_segments=3, stage1_steps=2,
         stage2_steps=2, eval_segments=4, pieces_per_book=1, eval_batch_size=2, threads=None,
         num_eval_books=2, num_train_books=2, eval_skip=0, segment_length=48, num_sensory=8,
         cache_size=16, work_dir="outputs/bench/quality-pretrained-quick",
+        runs=["no_memory", "rmt", "hmt_stage1", "hmt", "full_context"],
     ),
 }
 
-# The fine-tuning runs, in order.
-RUNS = ("no_memory", "rmt", "hmt_stage1", "hmt")
+# The fine-tuning runs, in order, and the mode each trains in.
+RUN_MODES = {"no_memory": "baseline", "rmt": "rmt", "hmt_stage1": "hmt_stage1", "hmt": "hmt",
+             "full_context": "baseline"}
+RUNS = tuple(RUN_MODES)
 
 # reader label -> (run it reads, how it reads); "run" None is the untuned backbone.
 READERS = [
@@ -98,6 +106,7 @@ READERS = [
     # did to the backbone as a plain reader, apart from what its memory adds.
     ("sliding window, hmt stage 1 backbone", "hmt_stage1", "sliding"),
     ("sliding window, hmt backbone", "hmt", "sliding"),
+    ("full context", "full_context", "full"),
 ]
 
 
@@ -126,6 +135,13 @@ class Settings:
         )
         per_step = self.new_tokens * args.batch_size * args.stage1_segments
         self.single_stage_steps = max(1, round(self.train_tokens / per_step))
+        # The full-context arm trains on windows of a held-out piece's length.
+        self.full_context_steps = max(1, round(self.train_tokens / (args.batch_size * self.eval_tokens)))
+
+    def run_segment_length(self, run: str) -> int:
+        """The ``segment_length`` a run trains (and its weights are read) with: one held-out
+        piece for the full-context arm, else its mode's (equal new tokens per segment)."""
+        return self.eval_tokens if run == "full_context" else self.segment_length[RUN_MODES[run]]
 
 
 def hf_model_node(args, *, mode: str, segment_length: int, bptt_depth: int,
@@ -191,25 +207,28 @@ def eval_pieces(args, settings: Settings, eval_dir: Path, cache: Path) -> Tuple[
 
 # ---------------------------------------------------------------------------- training
 def train_runs(args, settings: Settings, train_dir: Path, work: Path, cache: Path) -> Dict[str, Any]:
-    """The four fine-tuning runs, in order (stage 2 starts from stage 1)."""
+    """The fine-tuning runs ``--runs`` names, in order (stage 2 starts from stage 1)."""
     backbone = Path(args.backbone)
     s1, s2 = args.stage1_segments, args.stage2_segments
     plan = [
-        # name, mode, segments per window, steps, start from
-        ("no_memory", "baseline", s1, settings.single_stage_steps, None),
-        ("rmt", "rmt", s1, settings.single_stage_steps, None),
-        ("hmt_stage1", "hmt_stage1", s1, args.stage1_steps, None),
-        ("hmt", "hmt", s2, args.stage2_steps, "hmt_stage1"),
+        # name, segments per window, steps, start from
+        ("no_memory", s1, settings.single_stage_steps, None),
+        ("rmt", s1, settings.single_stage_steps, None),
+        ("hmt_stage1", s1, args.stage1_steps, None),
+        ("hmt", s2, args.stage2_steps, "hmt_stage1"),
+        # One segment as long as a held-out piece: the reader it trains has it all in context.
+        ("full_context", 1, settings.full_context_steps, None),
     ]
     out = {}
-    for name, mode, segments, steps, start_from in plan:
+    for name, segments, steps, start_from in plan:
         if name not in args.runs:
             continue
         run_dir = work / "runs" / name
+        mode, segment_length = RUN_MODES[name], settings.run_segment_length(name)
         source, hmt_checkpoint = backbone, None
         if start_from:
             source = hmt_checkpoint = runs.final_dir(work / "runs" / start_from)
-        model = hf_model_node(args, mode=mode, segment_length=settings.segment_length[mode],
+        model = hf_model_node(args, mode=mode, segment_length=segment_length,
                               bptt_depth=segments, lora=args.lora)
         cfg = {
             "output_dir": str(run_dir), "seed": args.seed, "device": args.device,
@@ -232,7 +251,9 @@ def train_runs(args, settings: Settings, train_dir: Path, work: Path, cache: Pat
         }
         if args.hmt_lr is not None and mode != "baseline":
             cfg["hmt_lr"] = args.hmt_lr
-        tokens_per_step = args.batch_size * segments * settings.new_tokens
+        # New tokens per segment: a baseline segment is all new tokens.
+        new_tokens = segment_length if mode == "baseline" else settings.new_tokens
+        tokens_per_step = args.batch_size * segments * new_tokens
         launch = dict(launcher=args.launcher, threads=args.threads, cache_dir=cache)
         out[name] = train_run(args, name, run_dir, cfg, launch, steps, None, tokens_per_step)
         out[name]["train_tokens"] = steps * tokens_per_step
@@ -246,9 +267,10 @@ def reader_model_node(args, settings: Settings, run: Optional[str], mode: str,
     ``hmt_stage1`` for the step-0 readers, else ``baseline``)."""
     if run is None:
         trained_mode = "hmt_stage1" if mode == "hmt_stage1" else "baseline"
+        segment_length = settings.segment_length[trained_mode]
     else:
-        trained_mode = {"no_memory": "baseline"}.get(run, run)
-    node = hf_model_node(args, mode=trained_mode, segment_length=settings.segment_length[trained_mode],
+        trained_mode, segment_length = RUN_MODES[run], settings.run_segment_length(run)
+    node = hf_model_node(args, mode=trained_mode, segment_length=segment_length,
                          bptt_depth=1, lora=False)
     if memory_init is not None:
         node["memory_init"] = memory_init
@@ -392,6 +414,7 @@ def summarise(settings: Settings, results: Dict[str, Tuple[np.ndarray, Dict[str,
              ("sliding window, hmt stage 1 backbone", "hmt stage 1"),
              ("sliding window, hmt backbone", "hmt"),
              ("sliding window", "sliding window, hmt backbone"),
+             ("full context (untuned)", "full context"), ("hmt", "full context"),
              ("hmt stage 1, step 0, published init", "hmt stage 1, step 0, mean-embedding init")]
     out["paired"] = {}
     for a, b in pairs:
@@ -411,9 +434,9 @@ def summarise(settings: Settings, results: Dict[str, Tuple[np.ndarray, Dict[str,
         return r[label]["all"]["nll"]
 
     gaps = {}
-    for top in ("full context (untuned)",):
+    for top in ("full context", "full context (untuned)"):
         for floor in ("no memory", "no memory (untuned)"):
-            if floor not in r or "hmt" not in r:
+            if top not in r or floor not in r or "hmt" not in r:
                 continue
             span = log_ppl(floor) - log_ppl(top)
             if span <= 0:
@@ -595,9 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="store_true",
                    help="LoRA on every projection instead of a full fine-tune")
     g.add_argument("--lora_rank", type=int, default=16)
-    g.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS),
+    g.add_argument("--runs", nargs="+", choices=RUNS, default=None,
                    help="the fine-tuning runs to do (and read); hmt needs hmt_stage1. The untuned "
-                        "readers always run.")
+                        "readers always run. Default: the preset's (cpu: all but full_context)")
     g.add_argument("--lr", type=float, default=5e-5)
     g.add_argument("--hmt_lr", type=float, default=None,
                    help="learning rate of the HMT parameters (recipe key hmt_lr; default: --lr)")
