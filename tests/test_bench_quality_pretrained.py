@@ -4,6 +4,7 @@ the same positions of the same held-out pieces, and the record, tables and plots
 The figures mean nothing at this size."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -123,6 +124,19 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
                             "centred_across_documents", "shared_fraction"}
         assert all(-1.0 <= v <= 1.0 for v in sim.values()) and sim["shared_fraction"] > 0
     assert "Cosine between the written memories" in capsys.readouterr().out
+    # --without_sensory: each model read again at k = 0, on the same scored tokens.
+    bare = memory_diagnostic.main(["--work_dir", str(work), "--pieces", "2", "--without_sensory",
+                                   "--out", str(tmp_path / "bare.json")])["results"]
+    for label in ("untuned, hmt_stage1", "hmt stage 1", "hmt, recall off"):
+        with_k, without = bare[label], bare[f"{label}, k=0"]
+        assert (with_k["num_sensory"], without["num_sensory"]) == (8, 0)
+        assert with_k == diag["results"][label] | {"num_sensory": 8}
+        assert without["carried"]["tokens"] == with_k["carried"]["tokens"]
+        assert without["carried"] != with_k["carried"]
+        worth = without["sensory_worth"]["nll_difference"]
+        assert worth == pytest.approx(math.log(without["not_carried"]["ppl"])
+                                      - math.log(with_k["not_carried"]["ppl"]), abs=1e-6)
+    assert "What the sensory tokens are worth" in capsys.readouterr().out
 
     # --reuse: nothing is trained or read again, and the figures are the same.
     again = quality.main([

@@ -152,6 +152,31 @@ def test_stage1_state_loads_into_hmt_and_hmt_runs_without_recall():
         stage1.set_mode("hmt")
 
 
+@pytest.mark.parametrize("mode", ["hmt", "hmt_stage1"])
+def test_set_num_sensory_reads_as_a_model_built_with_it(mode):
+    """k = 0 on a loaded model: the same new tokens per segment in a shorter call, and the
+    same function as the same weights in a model configured with k = 0 from the start."""
+    model = tiny(mode=mode)
+    block = model.config.tokens_per_segment
+    ids = tokens(length=60)
+    with torch.no_grad():
+        as_built = model(ids).logits
+    model.set_num_sensory(0)
+    assert model.config.num_sensory == 0 and model.config.tokens_per_segment == block
+    assert model.config.segment_length == SMALL["segment_length"] - SMALL["num_sensory"]
+    built = tiny(mode=mode, num_sensory=0, segment_length=SMALL["segment_length"] - SMALL["num_sensory"])
+    built.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        without = model(ids).logits
+        torch.testing.assert_close(without, built(ids).logits)
+        assert not torch.allclose(without, as_built)
+        model.set_num_sensory(SMALL["num_sensory"])  # and back: the model as it was built
+        torch.testing.assert_close(model(ids).logits, as_built)
+    with pytest.raises(ValueError, match="num_sensory=1000 must be smaller"):
+        model.set_num_sensory(1000)  # the config's own check, naming the field
+    assert model.config.num_sensory == SMALL["num_sensory"]
+
+
 # --------------------------------------------------------------------- gradients
 def test_gradients_reach_hmt_and_lora_parameters():
     model = lora_hmt_tiny(["q_proj", "v_proj"], **SMALL)

@@ -12,6 +12,9 @@ writes beside that of the token embeddings. A carried memory that helps makes th
 reading better than the second. The memories each model writes over the pieces are also
 compared with one another (:func:`~hmt_plugin.eval.memory_similarity.memory_similarity`): a
 memory that carries its segment is closer to its neighbours than to other documents' memories.
+With ``--without_sensory`` each model is read again with no sensory tokens (``k = 0``, the same
+new tokens and scored positions): what the memory is worth there, and what the sensory tokens
+are worth, show how much of the memory's content the sensory tokens already carry.
 """
 
 import argparse
@@ -34,6 +37,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m hmt_plugin.bench memory-diagnostic")
     p.add_argument("--work_dir", required=True, help="a finished `quality --backbone` work dir")
     p.add_argument("--pieces", type=int, default=4, help="training books read, one piece each")
+    p.add_argument("--without_sensory", action="store_true",
+                   help="read each model again with no sensory tokens (k = 0, the same new tokens)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     bench_run = BenchRun("memory-diagnostic", argv)  # from the start: its wall time covers the reads
@@ -62,29 +67,45 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         model = qp.load_reader_model(bench, settings, work, run, mode)
         if model.config.mode != mode:
             model.set_mode(mode, keep_tokens_per_segment=True)
-        stderr(f"reading {label} with and without the carried memory")
-        written = []  # the memories of the carried reading, from the same calls
-        carried = hmt_token_nll(model, pieces, batch_size=bench.eval_batch_size, memories=written)
-        replaced = hmt_token_nll(model, pieces, batch_size=bench.eval_batch_size, carry_memory=False)
-        diff = paired_difference(carried, replaced, block)
-        written = torch.cat(written)
-        embeddings = model.backbone.tok_embeddings.weight.detach().float()
-        results[label] = {
-            # What the next segment gets at position 0, against what it was pretrained on.
-            "memory_norm_median": written.float().norm(dim=-1).median().item(),
-            "embedding_norm_median": embeddings.norm(dim=-1).median().item(),
-            "initial_memory_norm": model.initial_memory.detach().float().norm(dim=-1).max().item(),
-            "carried": band_scores(carried, [(1, settings.eval_tokens)], block)[0].to_dict(),
-            "not_carried": band_scores(replaced, [(1, settings.eval_tokens)], block)[0].to_dict(),
-            "not_carried_minus_carried": diff,
-            "similarity": memory_similarity(written),
-        }
-        r = results[label]
-        rows.append([label, r["carried"]["ppl"], r["not_carried"]["ppl"],
-                     round(diff["nll_difference"], 4), round(diff["nll_difference_se"], 4),
-                     round(r["memory_norm_median"], 2), round(r["embedding_norm_median"], 2),
-                     round(r["initial_memory_norm"], 2)])
-        similarity_rows.append([label] + [round(v, 3) for v in r["similarity"].values()])
+        trained_sensory = model.config.num_sensory
+        # With --without_sensory the same model reads again at k = 0: the same new tokens and
+        # scored positions, so the pairs say what the memory carries apart from the sensory
+        # tokens, and what those tokens carry.
+        for k in [trained_sensory] + ([0] if args.without_sensory and trained_sensory else []):
+            model.set_num_sensory(k)
+            name = label if k == trained_sensory else f"{label}, k=0"
+            stderr(f"reading {name} with and without the carried memory")
+            written = []  # the memories of the carried reading, from the same calls
+            carried = hmt_token_nll(model, pieces, batch_size=bench.eval_batch_size, memories=written)
+            replaced = hmt_token_nll(model, pieces, batch_size=bench.eval_batch_size,
+                                     carry_memory=False)
+            diff = paired_difference(carried, replaced, block)
+            written = torch.cat(written)
+            embeddings = model.backbone.tok_embeddings.weight.detach().float()
+            results[name] = {
+                "num_sensory": k,
+                # What the next segment gets at position 0, against what it was pretrained on.
+                "memory_norm_median": written.float().norm(dim=-1).median().item(),
+                "embedding_norm_median": embeddings.norm(dim=-1).median().item(),
+                "initial_memory_norm": model.initial_memory.detach().float().norm(dim=-1).max().item(),
+                "carried": band_scores(carried, [(1, settings.eval_tokens)], block)[0].to_dict(),
+                "not_carried": band_scores(replaced, [(1, settings.eval_tokens)], block)[0].to_dict(),
+                "not_carried_minus_carried": diff,
+                "similarity": memory_similarity(written),
+            }
+            if k == trained_sensory:
+                replaced_with_sensory = replaced
+            else:
+                # Neither the sensory tokens nor a carried memory, against the sensory tokens.
+                results[name]["sensory_worth"] = paired_difference(replaced_with_sensory, replaced,
+                                                                   block)
+            r = results[name]
+            rows.append([name, r["carried"]["ppl"], r["not_carried"]["ppl"],
+                         round(diff["nll_difference"], 4), round(diff["nll_difference_se"], 4),
+                         round(r["memory_norm_median"], 2), round(r["embedding_norm_median"], 2),
+                         round(r["initial_memory_norm"], 2)])
+            similarity_rows.append([name] + [round(v, 3) for v in r["similarity"].values()])
+        del model
     if "no_memory" in trained:
         model = qp.load_reader_model(bench, settings, work, "no_memory", "baseline")
         sliding = window_token_nll(model.backbone, pieces, window=settings.sliding_window,
@@ -96,6 +117,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                             "PPL, memory not carried", "NLL not carried - carried", "s.e.",
                             "written memory norm (median)", "embedding norm (median)",
                             "first memory norm"], rows)
+    sensory = [[name, round(r["sensory_worth"]["nll_difference"], 4),
+                round(r["sensory_worth"]["nll_difference_se"], 4)]
+               for name, r in results.items() if "sensory_worth" in r]
+    if sensory:
+        table += "\n\nWhat the sensory tokens are worth (memory not carried: NLL at k = 0 minus at k)\n\n"
+        table += markdown_table(["reader (training-book pieces)", "NLL difference", "s.e."], sensory)
     table += "\n\nCosine between the written memories (centred: after subtracting their mean)\n\n"
     table += markdown_table(["reader (training-book pieces)", "raw", "centred, neighbours",
                              "centred, same document", "centred, across documents",

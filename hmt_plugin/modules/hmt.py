@@ -162,7 +162,16 @@ class HMT(nn.Module):
         ``keep_tokens_per_segment``: read as many new tokens per segment as now, with a
         shorter or longer backbone call (see :meth:`HMTConfig.with_mode`); comparisons of
         modes use it."""
-        new = self.config.with_mode(mode, keep_tokens_per_segment=keep_tokens_per_segment)
+        self._use_config(self.config.with_mode(mode, keep_tokens_per_segment=keep_tokens_per_segment))
+
+    def set_num_sensory(self, num_sensory: int) -> None:
+        """Read with ``num_sensory`` sensory tokens and as many new tokens per segment as now
+        (:meth:`HMTConfig.with_sensory`): e.g. 0, to ask what the memory carries alone."""
+        self._use_config(self.config.with_sensory(num_sensory))
+
+    def _use_config(self, new: HMTConfig) -> None:
+        """Switch to ``new`` settings for the same weights, refusing what they cannot run."""
+        mode = new.mode
         if new.uses_recall and not hasattr(self, "recall"):
             raise HMTConfigError(
                 f"mode={mode!r} needs recall parameters this {self.config.mode!r} model does not "

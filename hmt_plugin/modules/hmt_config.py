@@ -177,10 +177,12 @@ class HMTConfig:
         """Sensory tokens used in this mode (the published code uses none in rmt/baseline)."""
         return self.num_sensory if self.mode in ("hmt", "hmt_stage1") else 0
 
-    def _positions_besides_text(self, mode: str) -> int:
-        """Backbone positions of a segment that hold memory or sensory tokens in ``mode``."""
+    def _positions_besides_text(self, mode: str, num_sensory: Optional[int] = None) -> int:
+        """Backbone positions of a segment that hold memory or sensory tokens in ``mode``
+        (with ``num_sensory`` sensory tokens; default: this config's)."""
+        num_sensory = self.num_sensory if num_sensory is None else num_sensory
         memory = self.num_memory_tokens if mode != "baseline" else 0
-        sensory = self.num_sensory if mode in ("hmt", "hmt_stage1") else 0
+        sensory = num_sensory if mode in ("hmt", "hmt_stage1") else 0
         sink = 1 if self.memory_sink and mode != "baseline" else 0
         return sink + 2 * memory + sensory
 
@@ -211,6 +213,13 @@ class HMTConfig:
             return dataclasses.replace(self, mode=mode)
         length = self.tokens_per_segment + self._positions_besides_text(mode)
         return dataclasses.replace(self, mode=mode, segment_length=length)
+
+    def with_sensory(self, num_sensory: int) -> "HMTConfig":
+        """The same settings with ``num_sensory`` sensory tokens and as many new tokens per
+        segment: the backbone call grows or shrinks instead. Reading a model at ``k = 0``
+        this way asks what its memory carries apart from the sensory tokens."""
+        length = self.tokens_per_segment + self._positions_besides_text(self.mode, num_sensory)
+        return dataclasses.replace(self, num_sensory=num_sensory, segment_length=length)
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> Dict[str, Any]:
