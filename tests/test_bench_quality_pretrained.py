@@ -53,11 +53,15 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     assert budgets["no_memory"] == sizes["train_tokens_per_arm"]
     # The full-context arm: the same budget to within half a step, in windows of one piece.
     full = res["runs"]["full_context"]
-    assert full["tokens_per_step"] == res["data"]["eval_tokens"]
+    assert full["tokens_per_step"] == record["settings"]["batch_size"] * res["data"]["eval_tokens"]
+    assert full["steps"] == sizes["full_context_steps"]
     assert abs(budgets["full_context"] - budgets["no_memory"]) <= full["tokens_per_step"] / 2
     full_cfg = OmegaConf.load(work / "runs" / "full_context.yaml").model
     assert (full_cfg.mode, full_cfg.segment_length, full_cfg.bptt_depth) == (
         "baseline", res["data"]["eval_tokens"], 1)
+    # Its reader loads those weights with the settings they were trained with.
+    stamp = json.loads((work / "eval" / "full_context.json").read_text())["stamp"]
+    assert stamp["run"] == "full_context" and stamp["model"]["segment_length"] == full_cfg.segment_length
 
     labels = [label for label, _, _ in quality_pretrained.READERS]
     assert list(res["eval"]["readers"]) == labels
@@ -75,14 +79,9 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     # Different readers read differently; the recall ablation reads the stage-2 weights.
     assert not np.allclose(arrays["no memory"], arrays["sliding window"])
     assert not np.allclose(arrays["full context"], arrays["full context (untuned)"])
-    # The gap closed is measured to the fine-tuned full context and to the untuned one.
-    gaps, mean = res["eval"]["gap_closed"], lambda label: np.nanmean(arrays[label])
-    for top in ("full context", "full context (untuned)"):
-        span, key = mean("no memory") - mean(top), f"hmt between no memory and {top}"
-        if span > 0:
-            assert gaps[key] == pytest.approx((mean("no memory") - mean("hmt")) / span, rel=1e-4)
-        else:
-            assert key not in gaps
+    # The gap closed comes from the readers' whole-piece NLL (gap_closed is tested below).
+    nll = {label: r["all"]["nll"] for label, r in res["eval"]["readers"].items()}
+    assert res["eval"]["gap_closed"] == quality_pretrained.gap_closed(nll)
     assert not np.allclose(arrays["hmt"], arrays["hmt, recall off"])
     # The stage-2 backbone read as a plain sliding window: other weights than the no-memory
     # arm's, and the memory's share of HMT's score is paired against it, piece by piece.
@@ -130,8 +129,9 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     for label in ("untuned, hmt_stage1", "hmt stage 1", "hmt, recall off"):
         with_k, without = bare[label], bare[f"{label}, k=0"]
         assert (with_k["num_sensory"], without["num_sensory"]) == (8, 0)
-        assert with_k == diag["results"][label] | {"num_sensory": 8}
-        assert without["carried"]["tokens"] == with_k["carried"]["tokens"]
+        assert with_k == diag["results"][label]  # the model's own reading, unchanged
+        for reading in ("carried", "not_carried"):
+            assert without[reading]["tokens"] == with_k[reading]["tokens"]
         assert without["carried"] != with_k["carried"]
         worth = without["sensory_worth"]["nll_difference"]
         assert worth == pytest.approx(math.log(without["not_carried"]["ppl"])
@@ -234,3 +234,39 @@ def test_refuses_a_directory_without_config_json(tmp_path, capsys):
     with pytest.raises(SystemExit):
         quality.main(["--backbone", str(tmp_path), "--quick"])
     assert "holds no config.json" in capsys.readouterr().err
+
+
+def test_gap_closed_pairs_like_with_like():
+    nll = {"no memory": 3.0, "no memory (untuned)": 3.4, "full context": 2.0,
+           "full context (untuned)": 3.5, "hmt": 2.5, "sliding window": 2.75}
+    gaps = quality_pretrained.gap_closed(nll)
+    # Fine-tuned floor to fine-tuned top; the untuned top lies above this floor (no gap), and
+    # an untuned floor is never measured to a fine-tuned top.
+    assert gaps == {"hmt between no memory and full context": pytest.approx(0.5),
+                    "sliding window between no memory and full context": pytest.approx(0.25)}
+    nll["full context (untuned)"] = 2.6
+    gaps = quality_pretrained.gap_closed({k: v for k, v in nll.items() if k != "full context"})
+    assert gaps == {"hmt between no memory and full context (untuned)": pytest.approx(0.5 / 0.4),
+                    "sliding window between no memory and full context (untuned)": pytest.approx(0.25 / 0.4),
+                    "hmt between no memory (untuned) and full context (untuned)": pytest.approx(0.9 / 0.8),
+                    "sliding window between no memory (untuned) and full context (untuned)":
+                        pytest.approx(0.65 / 0.8)}
+
+
+def test_presets_choose_the_runs_and_the_full_context_budget(tmp_path):
+    backbone = write_hf_checkpoint(tmp_path / "model", "llama_tied_gqa", vocab_size=320,
+                                   max_position_embeddings=512)
+    base = ["--backbone", str(backbone)]
+    cpu, cuda = quality_pretrained.parse(base), quality_pretrained.parse(base + ["--device", "cuda"])
+    assert "full_context" not in cpu.runs and cuda.runs == list(quality_pretrained.RUNS)
+    assert quality_pretrained.parse(base + ["--runs", "no_memory", "full_context"]).runs == [
+        "no_memory", "full_context"]
+    cuda.runs.append("x")  # each parse has its own list, not the preset's
+    assert quality_pretrained.parse(base + ["--device", "cuda"]).runs == list(quality_pretrained.RUNS)
+    with pytest.raises(SystemExit):  # no abbreviation slips past the preset
+        quality_pretrained.parse(base + ["--run", "hmt_stage1"])
+    for args in (cpu, cuda):
+        settings = quality_pretrained.Settings(args)
+        per_step = args.batch_size * settings.eval_tokens
+        assert abs(settings.full_context_steps * per_step - settings.train_tokens) <= per_step / 2
+        assert settings.run_segment_length("full_context") == settings.eval_tokens

@@ -21,8 +21,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from hmt_plugin.bench import quality_pretrained as qp
@@ -30,8 +31,7 @@ from hmt_plugin.bench.report import BenchRun, machine_info, markdown_table, stde
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    from hmt_plugin.eval.memory_similarity import memory_similarity
-    from hmt_plugin.eval.token_nll import band_scores, hmt_token_nll, paired_difference, window_token_nll
+    from hmt_plugin.eval.token_nll import band_scores, paired_difference, window_token_nll
 
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m hmt_plugin.bench memory-diagnostic")
@@ -67,45 +67,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         model = qp.load_reader_model(bench, settings, work, run, mode)
         if model.config.mode != mode:
             model.set_mode(mode, keep_tokens_per_segment=True)
-        trained_sensory = model.config.num_sensory
-        # With --without_sensory the same model reads again at k = 0: the same new tokens and
-        # scored positions, so the pairs say what the memory carries apart from the sensory
-        # tokens, and what those tokens carry.
-        for k in [trained_sensory] + ([0] if args.without_sensory and trained_sensory else []):
-            model.set_num_sensory(k)
-            name = label if k == trained_sensory else f"{label}, k=0"
-            stderr(f"reading {name} with and without the carried memory")
-            written = []  # the memories of the carried reading, from the same calls
-            carried = hmt_token_nll(model, pieces, batch_size=bench.eval_batch_size, memories=written)
-            replaced = hmt_token_nll(model, pieces, batch_size=bench.eval_batch_size,
-                                     carry_memory=False)
-            diff = paired_difference(carried, replaced, block)
-            written = torch.cat(written)
-            embeddings = model.backbone.tok_embeddings.weight.detach().float()
-            results[name] = {
-                "num_sensory": k,
-                # What the next segment gets at position 0, against what it was pretrained on.
-                "memory_norm_median": written.float().norm(dim=-1).median().item(),
-                "embedding_norm_median": embeddings.norm(dim=-1).median().item(),
-                "initial_memory_norm": model.initial_memory.detach().float().norm(dim=-1).max().item(),
-                "carried": band_scores(carried, [(1, settings.eval_tokens)], block)[0].to_dict(),
-                "not_carried": band_scores(replaced, [(1, settings.eval_tokens)], block)[0].to_dict(),
-                "not_carried_minus_carried": diff,
-                "similarity": memory_similarity(written),
-            }
-            if k == trained_sensory:
-                replaced_with_sensory = replaced
-            else:
-                # Neither the sensory tokens nor a carried memory, against the sensory tokens.
-                results[name]["sensory_worth"] = paired_difference(replaced_with_sensory, replaced,
-                                                                   block)
-            r = results[name]
+        readings = {}
+        readings[label], not_carried = read_memory(model, pieces, settings, bench.eval_batch_size)
+        built_sensory = model.config.num_sensory
+        if args.without_sensory and built_sensory:
+            # The same model at k = 0: the same new tokens and scored positions, so the pairs
+            # say what the memory carries apart from the sensory tokens, and what they carry.
+            model.set_num_sensory(0)
+            bare, bare_not_carried = read_memory(model, pieces, settings, bench.eval_batch_size)
+            model.set_num_sensory(built_sensory)
+            # Neither sensory tokens nor a carried memory, against the sensory tokens alone.
+            bare["sensory_worth"] = paired_difference(not_carried, bare_not_carried, block)
+            readings[f"{label}, k=0"] = bare
+        del model
+        for name, r in readings.items():
+            results[name] = r
+            diff = r["not_carried_minus_carried"]
             rows.append([name, r["carried"]["ppl"], r["not_carried"]["ppl"],
                          round(diff["nll_difference"], 4), round(diff["nll_difference_se"], 4),
                          round(r["memory_norm_median"], 2), round(r["embedding_norm_median"], 2),
                          round(r["initial_memory_norm"], 2)])
             similarity_rows.append([name] + [round(v, 3) for v in r["similarity"].values()])
-        del model
     if "no_memory" in trained:
         model = qp.load_reader_model(bench, settings, work, "no_memory", "baseline")
         sliding = window_token_nll(model.backbone, pieces, window=settings.sliding_window,
@@ -130,3 +112,31 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return bench_run.finish(args.out or work / "memory_diagnostic.json", lambda record: table,
                       settings={**vars(args), "books": str(train_dir), "pieces_from": names[: args.pieces]},
                       results=results, machine=machine_info(bench.device, bench.dtype))
+
+
+def read_memory(model, pieces, settings: "qp.Settings",
+                batch_size: int) -> Tuple[Dict[str, Any], np.ndarray]:
+    """One model read twice on ``pieces``: carrying each segment's memory to the next, and
+    giving every segment the learned first memory instead. Returns the scores, with the
+    norms and cosines of the memories it wrote, and the second reading's per-token NLL."""
+    from hmt_plugin.eval.memory_similarity import memory_similarity
+    from hmt_plugin.eval.token_nll import band_scores, hmt_token_nll, paired_difference
+
+    block, whole = settings.new_tokens, [(1, settings.eval_tokens)]
+    stderr(f"reading k={model.config.num_sensory} with and without the carried memory")
+    written = []  # the memories of the carried reading, from the same calls
+    carried = hmt_token_nll(model, pieces, batch_size=batch_size, memories=written)
+    replaced = hmt_token_nll(model, pieces, batch_size=batch_size, carry_memory=False)
+    written = torch.cat(written).float()
+    return {
+        "num_sensory": model.config.num_sensory,
+        # What the next segment gets at position 0, against what it was pretrained on.
+        "memory_norm_median": written.norm(dim=-1).median().item(),
+        "embedding_norm_median": model.backbone.tok_embeddings.weight.detach().float()
+        .norm(dim=-1).median().item(),
+        "initial_memory_norm": model.initial_memory.detach().float().norm(dim=-1).max().item(),
+        "carried": band_scores(carried, whole, block)[0].to_dict(),
+        "not_carried": band_scores(replaced, whole, block)[0].to_dict(),
+        "not_carried_minus_carried": paired_difference(carried, replaced, block),
+        "similarity": memory_similarity(written),
+    }, replaced

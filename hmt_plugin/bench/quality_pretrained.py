@@ -135,7 +135,8 @@ class Settings:
         )
         per_step = self.new_tokens * args.batch_size * args.stage1_segments
         self.single_stage_steps = max(1, round(self.train_tokens / per_step))
-        # The full-context arm trains on windows of a held-out piece's length.
+        # The full-context arm trains on windows of a held-out piece's length (each book's
+        # last window may be shorter, so this arm may read a little less than it counts).
         self.full_context_steps = max(1, round(self.train_tokens / (args.batch_size * self.eval_tokens)))
 
     def run_segment_length(self, run: str) -> int:
@@ -428,24 +429,28 @@ def summarise(settings: Settings, results: Dict[str, Tuple[np.ndarray, Dict[str,
             later = paired_difference(results[b][0][:, block:], results[a][0][:, block:], block)
             d["after_first_segment"] = {k: later[k] for k in ("nll_difference", "nll_difference_se")}
             out["paired"][f"{a} minus {b}"] = d
-    r = out["readers"]
-
-    def log_ppl(label):
-        return r[label]["all"]["nll"]
-
-    gaps = {}
-    for top in ("full context", "full context (untuned)"):
-        for floor in ("no memory", "no memory (untuned)"):
-            if top not in r or floor not in r or "hmt" not in r:
-                continue
-            span = log_ppl(floor) - log_ppl(top)
-            if span <= 0:
-                continue
-            for reader in ("hmt", "sliding window"):
-                if reader in r:
-                    gaps[f"{reader} between {floor} and {top}"] = (log_ppl(floor) - log_ppl(reader)) / span
-    out["gap_closed"] = gaps
+    out["gap_closed"] = gap_closed({label: r["all"]["nll"] for label, r in out["readers"].items()})
     return out
+
+
+# (floor, top) of the log-PPL gap: fine-tuned to fine-tuned, and to the untuned full context
+# (the only top when the full-context arm is not trained), and untuned to untuned.
+GAPS = [("no memory", "full context"), ("no memory", "full context (untuned)"),
+        ("no memory (untuned)", "full context (untuned)")]
+
+
+def gap_closed(nll: Dict[str, float]) -> Dict[str, float]:
+    """The fraction of each floor -> top gap in mean NLL (log-PPL) that HMT and the sliding
+    window close, for the readers ``nll`` has; a gap that is not positive is left out."""
+    gaps = {}
+    for floor, top in GAPS:
+        if floor not in nll or top not in nll or nll[floor] <= nll[top]:
+            continue
+        for reader in ("hmt", "sliding window"):
+            if reader in nll:
+                gaps[f"{reader} between {floor} and {top}"] = (
+                    (nll[floor] - nll[reader]) / (nll[floor] - nll[top]))
+    return gaps
 
 
 def across_seeds(evals: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
@@ -463,8 +468,10 @@ def across_seeds(evals: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
                 for label in first["readers"]},
         "paired": {pair: spread([evals[s]["paired"][pair]["nll_difference"] for s in seeds])
                    for pair in first["paired"]},
+        # A gap some seed did not have (not positive there) has no spread.
         "gap_closed": {what: spread([evals[s]["gap_closed"][what] for s in seeds])
-                       for what in first.get("gap_closed", {})},
+                       for what in first.get("gap_closed", {})
+                       if all(what in evals[s].get("gap_closed", {}) for s in seeds)},
     }
 
 
@@ -508,7 +515,8 @@ def run_seed(args: argparse.Namespace, work: Path, shared: Optional[Path] = None
         "sizes": {"new_tokens_per_segment": settings.new_tokens,
                   "segment_length_by_mode": settings.segment_length,
                   "train_tokens_per_arm": settings.train_tokens,
-                  "single_stage_steps": settings.single_stage_steps},
+                  "single_stage_steps": settings.single_stage_steps,
+                  "full_context_steps": settings.full_context_steps},
     }
 
 
@@ -584,6 +592,8 @@ def write_plots(record: Dict[str, Any], out_dir: Path) -> List[Path]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m hmt_plugin.bench quality --backbone DIR",
+        # No abbreviations: a preset fills every flag not spelled out on the command line.
+        allow_abbrev=False,
         description="Fine-tune no-memory, RMT and two-stage HMT arms of a pretrained HF "
                     "backbone the same way and compare them, with a sliding window and full "
                     "context, on the same tokens of held-out books.",
@@ -618,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="store_true",
                    help="LoRA on every projection instead of a full fine-tune")
     g.add_argument("--lora_rank", type=int, default=16)
-    g.add_argument("--runs", nargs="+", choices=RUNS, default=None,
+    # The default is the preset's (filled in by parse).
+    g.add_argument("--runs", nargs="+", choices=RUNS, default=argparse.SUPPRESS,
                    help="the fine-tuning runs to do (and read); hmt needs hmt_stage1. The untuned "
                         "readers always run. Default: the preset's (cpu: all but full_context)")
     g.add_argument("--lr", type=float, default=5e-5)
@@ -659,7 +670,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     preset = PRESETS["quick" if args.quick else args.device]
     for key, value in preset.items():
         if key not in explicit:
-            setattr(args, key, value)
+            setattr(args, key, copy.copy(value))
     if args.train_books or args.eval_books:
         args.books = None  # two folders given: no split
     args.backbone = str(Path(args.backbone).expanduser())

@@ -183,8 +183,9 @@ class HMT(nn.Module):
             )
         if new.segment_length > self.backbone.max_seq_len:
             raise HMTConfigError(
-                f"mode={mode!r} needs segment_length={new.segment_length}, more than the "
-                f"backbone's max_seq_len={self.backbone.max_seq_len}."
+                f"mode={mode!r} with num_sensory={new.num_sensory} needs segment_length="
+                f"{new.segment_length}, more than the backbone's max_seq_len="
+                f"{self.backbone.max_seq_len}."
             )
         self.config = new
 

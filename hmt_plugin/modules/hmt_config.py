@@ -211,15 +211,22 @@ class HMTConfig:
         222 in a 222-position call (without it: 256 in 256)."""
         if not keep_tokens_per_segment:
             return dataclasses.replace(self, mode=mode)
-        length = self.tokens_per_segment + self._positions_besides_text(mode)
-        return dataclasses.replace(self, mode=mode, segment_length=length)
+        return self._same_new_tokens(mode=mode)
 
     def with_sensory(self, num_sensory: int) -> "HMTConfig":
         """The same settings with ``num_sensory`` sensory tokens and as many new tokens per
         segment: the backbone call grows or shrinks instead. Reading a model at ``k = 0``
         this way asks what its memory carries apart from the sensory tokens."""
-        length = self.tokens_per_segment + self._positions_besides_text(self.mode, num_sensory)
-        return dataclasses.replace(self, num_sensory=num_sensory, segment_length=length)
+        return self._same_new_tokens(num_sensory=num_sensory)
+
+    def _same_new_tokens(self, *, mode: Optional[str] = None,
+                         num_sensory: Optional[int] = None) -> "HMTConfig":
+        """This config in ``mode`` with ``num_sensory`` (default: as now), its segment_length
+        set so that a segment reads as many new tokens as now."""
+        mode = self.mode if mode is None else mode
+        num_sensory = self.num_sensory if num_sensory is None else num_sensory
+        length = self.tokens_per_segment + self._positions_besides_text(mode, num_sensory)
+        return dataclasses.replace(self, mode=mode, num_sensory=num_sensory, segment_length=length)
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> Dict[str, Any]:
