@@ -207,3 +207,13 @@ def test_bad_arguments_are_named(model, kwargs, match):
     kwargs.setdefault("document_ppl", False)
     with pytest.raises(ValueError, match=match):
         evaluate_long_context(model, docs([300, 100]), memory="none", **kwargs)
+
+
+def test_band_plot_styles_never_repeat():
+    """The quality benchmark draws 12 readers: more lines than matplotlib's 10 default colours."""
+    from hmt_plugin.eval.plots import line_styles
+
+    for n in (3, 12, 25):
+        styles = line_styles(n)
+        assert len({(s["color"], s["marker"]) for s in styles}) == n
+    assert len({s["color"] for s in line_styles(12)}) == 12  # colours alone tell 12 apart

@@ -31,7 +31,8 @@ Steps:
    (:mod:`hmt_plugin.eval.token_nll`): the untuned backbone in pieces of the new tokens, with a
    sliding window as long as HMT's backbone call, and with the whole piece in context (the
    upper bound); the untuned HMT stage 1 (both memory initialisations: the step-0 check);
-   and each fine-tuned model, the stage-2 model also with recall switched off.
+   and each fine-tuned model, the stage-2 model also with recall switched off, and the
+   full-context arm with the whole piece in context.
 
 Per-reader NLL arrays are kept in ``<work_dir>/eval``, and runs in ``<work_dir>/runs``: an
 interrupted benchmark continues where it stopped when called again with ``--reuse``.

@@ -1,7 +1,7 @@
 """PNG plots of an evaluation: PPL against context length, recall-distance histogram."""
 
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from hmt_plugin.eval.long_context import LongContextResult
 
@@ -100,6 +100,18 @@ def plot_recall_histogram(series: Mapping[str, Mapping[Any, int]], path: Path) -
     return path
 
 
+def line_styles(n: int) -> List[Dict[str, Any]]:
+    """``n`` line styles that differ pairwise: matplotlib's default cycle has 10 colours, so
+    an 11th line would repeat the first's. Past 10 lines the 20 colours of ``tab20``; past
+    those, markers change with each round of colours."""
+    from matplotlib import colormaps
+
+    colours = colormaps["tab10" if n <= 10 else "tab20"].colors
+    markers = "osD^vP"
+    return [{"color": colours[i % len(colours)], "marker": markers[(i // len(colours)) % len(markers)]}
+            for i in range(n)]
+
+
 def plot_band_ppl(series: Mapping[str, Sequence[Mapping[str, float]]], path: Path) -> Optional[Path]:
     """PPL by position band, one line per reader, with one-standard-error bars; the legend
     sits beside the axes, not on the data. ``series`` maps a label to band scores
@@ -110,11 +122,11 @@ def plot_band_ppl(series: Mapping[str, Sequence[Mapping[str, float]]], path: Pat
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9.0, 4.2))
-    for label, bands in series.items():
+    for (label, bands), style in zip(series.items(), line_styles(len(series))):
         xs = [b["end"] for b in bands]
         ys = [b["ppl"] for b in bands]
         err = [[b["ppl"] - b["ppl_low"] for b in bands], [b["ppl_high"] - b["ppl"] for b in bands]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+        ax.errorbar(xs, ys, yerr=err, capsize=3, label=label, **style)
     ax.set_xscale("log")
     ax.set_xlabel("end of the position band T (tokens read before it: the previous band end)")
     ax.set_ylabel("PPL of the band")
