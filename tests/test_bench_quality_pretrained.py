@@ -53,7 +53,13 @@ def test_quick_run_scores_the_same_positions_in_every_reader(tmp_path, capsys):
     assert budgets["no_memory"] == sizes["train_tokens_per_arm"]
     # The full-context arm: the same budget to within half a step, in windows of one piece.
     full = res["runs"]["full_context"]
-    assert full["tokens_per_step"] == record["settings"]["batch_size"] * res["data"]["eval_tokens"]
+    # ... at its own batch (the quick preset's differs from the other arms', as on cuda).
+    assert record["settings"]["full_context_batch_size"] < record["settings"]["batch_size"]
+    assert full["tokens_per_step"] == (record["settings"]["full_context_batch_size"]
+                                       * res["data"]["eval_tokens"])
+    assert OmegaConf.load(work / "runs" / "full_context.yaml").batch_size == (
+        record["settings"]["full_context_batch_size"])
+    assert OmegaConf.load(work / "runs" / "rmt.yaml").batch_size == record["settings"]["batch_size"]
     assert full["steps"] == sizes["full_context_steps"]
     assert abs(budgets["full_context"] - budgets["no_memory"]) <= full["tokens_per_step"] / 2
     full_cfg = OmegaConf.load(work / "runs" / "full_context.yaml").model
@@ -261,12 +267,16 @@ def test_presets_choose_the_runs_and_the_full_context_budget(tmp_path):
     assert "full_context" not in cpu.runs and cuda.runs == list(quality_pretrained.RUNS)
     assert quality_pretrained.parse(base + ["--runs", "no_memory", "full_context"]).runs == [
         "no_memory", "full_context"]
+    # On cuda the full-context arm keeps a smaller batch than the others (its logits).
+    assert cuda.full_context_batch_size < cuda.batch_size
+    assert quality_pretrained.parse(base + ["--device", "cuda", "--full_context_batch_size",
+                                            "4"]).full_context_batch_size == 4
     cuda.runs.append("x")  # each parse has its own list, not the preset's
     assert quality_pretrained.parse(base + ["--device", "cuda"]).runs == list(quality_pretrained.RUNS)
     with pytest.raises(SystemExit):  # no abbreviation slips past the preset
         quality_pretrained.parse(base + ["--run", "hmt_stage1"])
     for args in (cpu, cuda):
         settings = quality_pretrained.Settings(args)
-        per_step = args.batch_size * settings.eval_tokens
+        per_step = args.full_context_batch_size * settings.eval_tokens
         assert abs(settings.full_context_steps * per_step - settings.train_tokens) <= per_step / 2
         assert settings.run_segment_length("full_context") == settings.eval_tokens

@@ -67,18 +67,25 @@ SHARED_BOOKS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / 
 # Sizes by device; a flag given on the command line wins over them.
 PRESETS = {
     "cpu": dict(
-        dtype="fp32", batch_size=1, stage1_segments=4, stage2_segments=8, stage1_steps=60,
-        stage2_steps=24, eval_segments=18, pieces_per_book=1, eval_batch_size=2, threads=2,
+        dtype="fp32", batch_size=1, full_context_batch_size=1, stage1_segments=4,
+        stage2_segments=8, stage1_steps=60, stage2_steps=24, eval_segments=18, pieces_per_book=1,
+        eval_batch_size=2, threads=2,
         runs=["no_memory", "rmt", "hmt_stage1", "hmt"],
     ),
+    # Sized from the steps measured on one H200 (README, "The GPU size"): at batch 8 a step
+    # costs about the same whatever the batch (eager kernel launches, not arithmetic, bound
+    # it), so the batch is 32; the full-context arm stays at 8 (its [batch, 7992, vocab]
+    # logits would not fit at 32) and takes 4x the steps for the same tokens.
     "cuda": dict(
-        dtype="bf16", batch_size=8, stage1_segments=4, stage2_segments=15, stage1_steps=150,
-        stage2_steps=60, eval_segments=36, pieces_per_book=4, eval_batch_size=8, threads=None,
+        dtype="bf16", batch_size=32, full_context_batch_size=8, stage1_segments=4,
+        stage2_segments=15, stage1_steps=32, stage2_steps=12, eval_segments=36,
+        pieces_per_book=4, eval_batch_size=24, threads=None,
         runs=["no_memory", "rmt", "hmt_stage1", "hmt", "full_context"],
     ),
     "quick": dict(
-        dtype="fp32", batch_size=1, stage1_segments=2, stage2_segments=3, stage1_steps=2,
-        stage2_steps=2, eval_segments=4, pieces_per_book=1, eval_batch_size=2, threads=None,
+        dtype="fp32", batch_size=2, full_context_batch_size=1, stage1_segments=2,
+        stage2_segments=3, stage1_steps=2, stage2_steps=2, eval_segments=4, pieces_per_book=1,
+        eval_batch_size=2, threads=None,
         num_eval_books=2, num_train_books=2, eval_skip=0, segment_length=48, num_sensory=8,
         cache_size=16, work_dir="outputs/bench/quality-pretrained-quick",
         runs=["no_memory", "rmt", "hmt_stage1", "hmt", "full_context"],
@@ -138,7 +145,12 @@ class Settings:
         self.single_stage_steps = max(1, round(self.train_tokens / per_step))
         # The full-context arm trains on windows of a held-out piece's length (each book's
         # last window may be shorter, so this arm may read a little less than it counts).
-        self.full_context_steps = max(1, round(self.train_tokens / (args.batch_size * self.eval_tokens)))
+        self.full_context_steps = max(
+            1, round(self.train_tokens / (self.run_batch_size("full_context") * self.eval_tokens)))
+
+    def run_batch_size(self, run: str) -> int:
+        """Windows per step: the full-context arm's own (its windows are a whole piece long)."""
+        return self.args.full_context_batch_size if run == "full_context" else self.args.batch_size
 
     def run_segment_length(self, run: str) -> int:
         """The ``segment_length`` a run trains (and its weights are read) with: one held-out
@@ -242,7 +254,8 @@ def train_runs(args, settings: Settings, train_dir: Path, work: Path, cache: Pat
                         "source": str(train_dir), "strip_gutenberg": True,
                         "cache_dir": str(cache), "progress": False},
             "windows": {"random_offset": True}, "collate_fn": "hmt_plugin.data.segment_collate",
-            "shuffle": True, "batch_size": args.batch_size, "loss_scope": args.loss_scope,
+            "shuffle": True, "batch_size": settings.run_batch_size(name),
+            "loss_scope": args.loss_scope,
             "optimizer": {"_component_": "torch.optim.AdamW", "lr": args.lr, "weight_decay": 0.0},
             "lr_scheduler": runs.cosine_schedule(steps), "epochs": 1,
             "max_steps_per_epoch": steps, "gradient_accumulation_steps": 1,
@@ -255,7 +268,7 @@ def train_runs(args, settings: Settings, train_dir: Path, work: Path, cache: Pat
             cfg["hmt_lr"] = args.hmt_lr
         # New tokens per segment: a baseline segment is all new tokens.
         new_tokens = segment_length if mode == "baseline" else settings.new_tokens
-        tokens_per_step = args.batch_size * segments * new_tokens
+        tokens_per_step = settings.run_batch_size(name) * segments * new_tokens
         launch = dict(launcher=args.launcher, threads=args.threads, cache_dir=cache)
         out[name] = train_run(args, name, run_dir, cfg, launch, steps, None, tokens_per_step)
         out[name]["train_tokens"] = steps * tokens_per_step
@@ -603,7 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", required=True, help="a Hugging Face checkpoint directory")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="selects the size preset (cpu: about an hour on 2 cores; cuda: bf16, "
-                        "about 10 minutes on one H100-class GPU)")
+                        "sized from step times measured on one H200 for about 10 minutes)")
     g = p.add_argument_group("books")
     g.add_argument("--books", default=str(SHARED_BOOKS), help="split here into train / held out")
     g.add_argument("--num_eval_books", type=int, default=6)
@@ -637,7 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hmt_lr", type=float, default=None,
                    help="learning rate of the HMT parameters (recipe key hmt_lr; default: --lr)")
     g.add_argument("--loss_scope", choices=["all", "last"], default="all")
-    for name in ("batch_size", "stage1_segments", "stage2_segments", "stage1_steps", "stage2_steps"):
+    for name in ("batch_size", "full_context_batch_size", "stage1_segments", "stage2_segments",
+                 "stage1_steps", "stage2_steps"):
         g.add_argument(f"--{name}", type=int, default=None)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_segments", type=int, default=None, help="piece length in segments")
