@@ -50,6 +50,40 @@ def test_speed_and_recall_write_valid_json(tmp_path, one_thread, capsys):
     assert all(0 <= accuracy[m][d]["accuracy"] <= 1 for m in accuracy for d in ("0", "1"))
 
 
+def test_recall_on_a_pretrained_backbone_trains_on_text(tmp_path, one_thread, capsys):
+    """``--backbone``: each mode fine-tunes the HF checkpoint on the pass-key text rendered by
+    its tokenizer, with the same new tokens per segment (a sink adds a position, not a token),
+    and is read on fresh text documents."""
+    from omegaconf import OmegaConf
+
+    from tests.assets import write_hf_tokenizer
+    from tests.hf_checkpoints import write_hf_checkpoint
+
+    backbone = write_hf_checkpoint(tmp_path / "model", "llama_tied_gqa", vocab_size=320,
+                                   max_position_embeddings=512)
+    write_hf_tokenizer(backbone, bos_in_template=False)
+    work = tmp_path / "recall"
+    record = recall.main(["--backbone", str(backbone), "--modes", "baseline", "hmt_stage1",
+                          "--steps", "2", "--batch_size", "2", "--distances", "0", "1",
+                          "--eval_documents", "4", "--segment_length", "120", "--num_sensory", "8",
+                          "--memory_sink", "--max_seq_len", "512", "--launcher", "inprocess",
+                          "--work_dir", str(work), *one_thread])
+    res = record["results"]
+    assert set(res["accuracy"]) == {"baseline", "hmt_stage1"} and res["chance"] == 1e-3
+    assert res["metric"] == "exact_match" and "Exact pass keys" in capsys.readouterr().out
+    assert {r["tokens_per_segment"] for r in res["runs"].values()} == {110}
+    for mode in ("baseline", "hmt_stage1"):
+        cfg = OmegaConf.load(work / "runs" / f"{mode}.yaml")
+        assert cfg.model.backbone.checkpoint_dir == str(backbone)
+        assert cfg.tokenizer.path == str(backbone) and "vocab_size" not in cfg.dataset
+        assert cfg.model.get("memory_sink", False) == (mode == "hmt_stage1")
+        for d in ("0", "1"):
+            score = res["accuracy"][mode][d]
+            assert score["documents"] == 4 and 0 <= score["exact_match"] <= score["accuracy"] <= 1
+    with pytest.raises(SystemExit):
+        recall.main(["--backbone", str(tmp_path), "--quick"])
+
+
 def test_quantized_writes_valid_json(tmp_path, one_thread):
     from hmt_plugin.bench import quantized
 

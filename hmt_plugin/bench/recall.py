@@ -3,6 +3,13 @@
 
     python -m hmt_plugin.bench recall            # about 10-15 minutes on 2 CPU cores
     python -m hmt_plugin.bench recall --quick    # about a minute
+    python -m hmt_plugin.bench recall --backbone DIR --modes baseline hmt_stage1 ...  # pretrained
+
+With ``--backbone`` (a Hugging Face checkpoint directory, as in ``bench quality``) every model
+fine-tunes that pretrained backbone instead of a random tiny Llama, and the task is rendered as
+text through its ``tokenizer.json`` (the pass-key wording; the value is ``--value_length``
+digits; the table gives exact keys, chance 10^-value_length): can the pretrained decoder learn
+to carry a fact through its memory at the budget the quality benchmark gives it?
 
 The task (:func:`hmt_plugin.data.synthetic_recall_dataset`): a value planted at the start
 of one segment must be produced ``d`` segments later, after a question; only the answer is
@@ -26,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from hmt_plugin.bench import runs
+from hmt_plugin.modules.hmt_config import MEMORY_INITS
 from hmt_plugin.bench.report import (
     BenchRun,
     apply_quick,
@@ -42,12 +50,15 @@ QUICK = dict(distances=[0, 1, 2], steps=25, batch_size=16, eval_documents=64)
 
 
 def _task(args, tokens_per_segment: int, distances, num_documents: int, seed: int) -> Dict[str, Any]:
+    # Token ids for the random tiny Llama; the pass-key text through a pretrained backbone's
+    # tokenizer (the recipe passes its tokenizer to the dataset).
+    rendering = ({"value_length": args.value_length} if args.backbone else
+                 {"vocab_size": DIMS["vocab_size"], "num_symbols": args.num_symbols})
     return {
         "_component_": "hmt_plugin.data.synthetic_recall_dataset",
         "num_documents": num_documents, "tokens_per_segment": tokens_per_segment,
         "distance_segments": list(distances) if len(distances) > 1 else distances[0],
-        "vocab_size": DIMS["vocab_size"], "num_symbols": args.num_symbols,
-        "needle_position": args.needle_position, "seed": seed,
+        **rendering, "needle_position": args.needle_position, "seed": seed,
     }
 
 
@@ -73,23 +84,45 @@ def args_max_seq_len(segment_length: int) -> int:
     return max(64, segment_length)
 
 
-def recipe_config(args, mode: str, run_dir: Path, work: Path) -> Dict[str, Any]:
-    from hmt_plugin.modules.hmt_config import HMTConfig
+def _pretrained_nodes(args, mode: str, run_dir: Path, depth: int) -> Dict[str, Any]:
+    """The model, checkpointer and tokenizer nodes of a run on ``--backbone``: the quality
+    benchmark's, so both benchmarks fine-tune a pretrained backbone the same way."""
+    from hmt_plugin.bench.quality import equal_segment_lengths
+    from hmt_plugin.bench.quality_pretrained import checkpointer_node, hf_model_node, tokenizer_node
 
-    depth = max(args.distances) + 1  # a window holds a whole document: needle to answer
-    settings = _settings(args, mode, depth)
-    tps = HMTConfig(**settings).tokens_per_segment
+    # HMT's new tokens per segment in every mode (a sink adds a position, never a token).
+    length = equal_segment_lengths(args.segment_length, args.num_sensory, args.memory_sink)[mode]
+    return {"checkpointer": checkpointer_node(Path(args.backbone), run_dir),
+            "model": hf_model_node(args, mode=mode, segment_length=length, bptt_depth=depth,
+                                   lora=False),
+            "tokenizer": tokenizer_node(args)}
+
+
+def _tiny_nodes(args, mode: str, run_dir: Path, work: Path, depth: int) -> Dict[str, Any]:
     return {
-        "output_dir": str(run_dir), "seed": args.seed, "device": "cpu", "dtype": "fp32",
         "checkpointer": {
             "_component_": "hmt_plugin.checkpointing.tiny_llama_checkpointer",
-            # One random backbone, written by the first run, read by all three.
+            # One random backbone, written by the first run, read by all the others.
             "checkpoint_dir": str(work / "runs" / "random_init"), "output_dir": str(run_dir),
             **DIMS, "max_seq_len": args_max_seq_len(args.segment_length), "seed": args.seed,
         },
         "model": {"_component_": "hmt_plugin.models.hmt_tiny", **DIMS,
-                  "max_seq_len": args_max_seq_len(args.segment_length), **settings},
+                  "max_seq_len": args_max_seq_len(args.segment_length),
+                  **_settings(args, mode, depth)},
         "tokenizer": None,
+    }
+
+
+def recipe_config(args, mode: str, run_dir: Path, work: Path) -> Dict[str, Any]:
+    from hmt_plugin.modules.hmt_config import HMTConfig
+
+    depth = max(args.distances) + 1  # a window holds a whole document: needle to answer
+    tps = HMTConfig(**_settings(args, mode, depth)).tokens_per_segment
+    nodes = (_pretrained_nodes(args, mode, run_dir, depth) if args.backbone
+             else _tiny_nodes(args, mode, run_dir, work, depth))
+    return {
+        "output_dir": str(run_dir), "seed": args.seed, "device": "cpu", "dtype": "fp32",
+        **nodes,
         "dataset": _task(args, tps, args.distances, args.steps * args.batch_size, args.seed),
         "windows": {"segments_per_window": depth, "random_offset": False},
         "collate_fn": "hmt_plugin.data.segment_collate", "shuffle": True,
@@ -106,8 +139,9 @@ def recipe_config(args, mode: str, run_dir: Path, work: Path) -> Dict[str, Any]:
     }
 
 
-def evaluate(model, args, mode: str, distances: List[int]) -> Dict[str, Any]:
-    """Answer accuracy of ``model`` read in ``mode``, per distance, on fresh documents."""
+def evaluate(model, args, mode: str, distances: List[int], tokenizer=None) -> Dict[str, Any]:
+    """Answer accuracy of ``model`` read in ``mode``, per distance, on fresh documents
+    (rendered through ``tokenizer`` where the runs trained on text)."""
     from hmt_plugin.data import synthetic_recall_dataset
     from hmt_plugin.eval.scoring import score_mode
 
@@ -116,11 +150,34 @@ def evaluate(model, args, mode: str, distances: List[int]) -> Dict[str, Any]:
     for d in distances:
         task = _task(args, tps, [d], args.eval_documents, seed=10_000 + d)
         task.pop("_component_")
-        docs = synthetic_recall_dataset(None, **task)
-        score = score_mode(model, docs, mode=mode, batch_size=64)
-        out[str(d)] = {"accuracy": round(score.accuracy, 4), "documents": score.documents,
+        docs = synthetic_recall_dataset(tokenizer, **task)
+        score = score_mode(model, docs, mode=mode, batch_size=args.eval_batch_size)
+        out[str(d)] = {"accuracy": round(score.accuracy, 4),
+                       "exact_match": round(score.exact_match, 4), "documents": score.documents,
                        "answer_nll": round(score.nll, 4)}
     return out
+
+
+def load_run(args, run_dir: Path, work: Path):
+    """A finished run's model, and the tokenizer its documents were rendered with (None for
+    the token-level task)."""
+    final = runs.final_dir(run_dir)
+    settings = runs.hmt_settings_from(final)
+    if not args.backbone:
+        return runs.load_trained(final, lambda: _build(settings), work_dir=work / "scratch"), None
+    from omegaconf import OmegaConf
+    from torchtune import config as tt_config
+
+    from hmt_plugin.bench.quality_pretrained import checkpointer_node, hf_model_node, tokenizer_node
+    from hmt_plugin.eval.model_loading import load_hmt_model
+
+    node = hf_model_node(args, mode=settings["mode"], segment_length=settings["segment_length"],
+                         bptt_depth=1, lora=False)
+    model = load_hmt_model(OmegaConf.create(node),
+                           OmegaConf.create(checkpointer_node(final, work / "scratch")),
+                           str(final), device=torch.device("cpu"), dtype=torch.float32,
+                           seed=args.seed)
+    return model, tt_config.instantiate(OmegaConf.create(tokenizer_node(args)))
 
 
 def run_recall(args: argparse.Namespace) -> Dict[str, Any]:
@@ -128,9 +185,13 @@ def run_recall(args: argparse.Namespace) -> Dict[str, Any]:
         torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     eval_distances = args.eval_distances or args.distances
-    results: Dict[str, Any] = {"runs": {}, "accuracy": {}, "chance": 1 / args.num_symbols,
+    # The table's figure and its chance level: per answer token for the token-level task; the
+    # whole pass key for text, whose answer also holds predictable tokens (the space before it).
+    metric, chance = (("exact_match", 10.0 ** -args.value_length) if args.backbone
+                      else ("accuracy", 1 / args.num_symbols))
+    results: Dict[str, Any] = {"runs": {}, "accuracy": {}, "metric": metric, "chance": chance,
                                "distances": eval_distances}
-    for mode in MODELS:
+    for mode in args.modes:
         run_dir = work / "runs" / mode
         cfg = recipe_config(args, mode, run_dir, work)
         path = work / "runs" / f"{mode}.yaml"
@@ -146,28 +207,29 @@ def run_recall(args: argparse.Namespace) -> Dict[str, Any]:
             "final_metrics": runs.last_metrics(run_dir / "logs"),
             "tokens_per_segment": cfg["dataset"]["tokens_per_segment"],
         }
-    for mode in MODELS:
-        final = runs.final_dir(work / "runs" / mode)
-        settings = runs.hmt_settings_from(final)
-        model = runs.load_trained(final, lambda: _build(settings), work_dir=work / "scratch")
+    for mode in args.modes:
+        model, tokenizer = load_run(args, work / "runs" / mode, work)
         reads = [(mode, mode)] + ([("hmt without recall", "hmt_stage1")] if mode == "hmt" else [])
         for label, read_mode in reads:
             stderr(f"evaluating {label} at distances {eval_distances}")
-            results["accuracy"][label] = evaluate(model, args, read_mode, eval_distances)
+            results["accuracy"][label] = evaluate(model, args, read_mode, eval_distances,
+                                                  tokenizer)
     return results
 
 
 def tables(record: Dict[str, Any]) -> str:
     res = record["results"]
     labels = list(res["accuracy"])
-    rows = [[int(d)] + [res["accuracy"][l][str(d)]["accuracy"] for l in labels]
+    metric = res.get("metric", "accuracy")
+    rows = [[int(d)] + [res["accuracy"][l][str(d)][metric] for l in labels]
             for d in res["distances"]]
     s = record["settings"]
     train_rows = [[m, r["tokens_per_segment"], r["wall_s"], r["final_metrics"].get("loss")]
                   for m, r in res["runs"].items()]
     return "\n".join([
         f"## recall\n\n{header(record)}\n",
-        f"Answer accuracy by distance in segments (chance {res['chance']:.3f}; "
+        f"{'Exact pass keys' if metric == 'exact_match' else 'Answer accuracy'} by distance "
+        f"in segments (chance {res['chance']:.3g}; "
         f"{s['eval_documents']} documents per distance; trained {s['steps']} steps x "
         f"{s['batch_size']} documents on distances {s['distances']}).\n",
         markdown_table(["distance (segments)"] + labels, rows), "",
@@ -182,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Synthetic long-range recall accuracy by distance for baseline, rmt, hmt.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--backbone", default=None,
+                   help="a Hugging Face checkpoint directory to fine-tune (default: a random "
+                        "tiny Llama trained from scratch on token ids)")
+    p.add_argument("--modes", nargs="+", choices=["baseline", "rmt", "hmt_stage1", "hmt"],
+                   default=list(MODELS), help="the models to train and read")
     p.add_argument("--distances", type=int, nargs="+", default=[0, 1, 2, 4, 8],
                    help="training distances (segments between needle and question)")
     p.add_argument("--eval_distances", type=int, nargs="+", default=None,
@@ -195,7 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_size", type=int, default=16)
     p.add_argument("--num_symbols", type=int, default=8)
     p.add_argument("--needle_position", choices=["start", "random"], default="start")
+    p.add_argument("--value_length", type=int, default=3,
+                   help="with --backbone: digits in the pass key")
+    p.add_argument("--memory_init", choices=MEMORY_INITS, default="mean_embedding",
+                   help="with --backbone (HMTConfig.memory_init)")
+    p.add_argument("--memory_sink", action="store_true",
+                   help="with --backbone: a sink at position 0 of every memory segment")
+    p.add_argument("--max_seq_len", type=int, default=2048,
+                   help="with --backbone: its RoPE table, at least the segment length")
     p.add_argument("--eval_documents", type=int, default=256)
+    p.add_argument("--eval_batch_size", type=int, default=64)
     p.add_argument("--work_dir", default="outputs/bench/recall")
     p.add_argument("--out", default=None, help="default: <work_dir>/recall.json")
     p.add_argument("--launcher", choices=runs.LAUNCHERS, default="subprocess")
@@ -212,6 +288,14 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     apply_quick(args, argv, QUICK, work_dir="outputs/bench/recall-quick")
     if min(args.distances) < 0:
         parser.error("--distances must be >= 0")
+    if args.backbone:
+        args.backbone = str(Path(args.backbone).expanduser())
+        if not (Path(args.backbone) / "config.json").is_file():
+            parser.error(f"--backbone {args.backbone} holds no config.json: point it at a Hugging "
+                         "Face checkpoint directory (e.g. the one ../shared/tools/smollm2_135m.sh "
+                         "prints).")
+    # The quality benchmark's model node reads these; this benchmark keeps the published ones.
+    args.memory_scale, args.score_scale = "published", "sqrt"
     if args.out is None:
         args.out = str(Path(args.work_dir) / "recall.json")
     return args
