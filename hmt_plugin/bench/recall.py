@@ -33,7 +33,6 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from hmt_plugin.bench import runs
-from hmt_plugin.modules.hmt_config import MEMORY_INITS
 from hmt_plugin.bench.report import (
     BenchRun,
     apply_quick,
@@ -43,6 +42,7 @@ from hmt_plugin.bench.report import (
     stderr,
 
 )
+from hmt_plugin.modules.hmt_config import MEMORY_INITS
 
 DIMS = dict(vocab_size=32, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=4, intermediate_dim=128)
 MODELS = ("baseline", "rmt", "hmt")
