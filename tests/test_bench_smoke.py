@@ -82,6 +82,8 @@ def test_recall_on_a_pretrained_backbone_trains_on_text(tmp_path, one_thread, ca
             assert score["documents"] == 4 and 0 <= score["exact_match"] <= score["accuracy"] <= 1
     with pytest.raises(SystemExit):
         recall.main(["--backbone", str(tmp_path), "--quick"])
+    with pytest.raises(SystemExit):  # the sink exists only on the pretrained path
+        recall.main(["--quick", "--memory_sink"])
 
 
 def test_quantized_writes_valid_json(tmp_path, one_thread):

@@ -296,10 +296,7 @@ def load_reader_model(args, settings: Settings, work: Path, run: Optional[str], 
                       memory_init: Optional[str] = None):
     """The model a reader reads with: a run's ``final`` weights, or the untuned backbone with
     fresh HMT parameters. Built in the run's own mode; the caller switches modes."""
-    from omegaconf import OmegaConf
     from torchtune import training
-
-    from hmt_plugin.eval.model_loading import load_hmt_model
 
     if run is None:
         source, hmt_checkpoint = Path(args.backbone), None
@@ -307,11 +304,23 @@ def load_reader_model(args, settings: Settings, work: Path, run: Optional[str], 
         source = hmt_checkpoint = runs.final_dir(work / "runs" / run)
     node = reader_model_node(args, settings, run, mode, memory_init)
     device = torch.device(args.device)
-    dtype = training.get_dtype(args.dtype, device)
+    return load_model(node, source, hmt_checkpoint, work / "scratch", device=device,
+                      dtype=training.get_dtype(args.dtype, device), seed=args.seed)
+
+
+def load_model(node: Dict[str, Any], source: Path, hmt_checkpoint: Optional[Path], scratch: Path,
+               *, device: torch.device, dtype: torch.dtype, seed: int):
+    """The HMT model ``node`` builds, its backbone read from ``source`` (a run's ``final``
+    directory or the pretrained backbone) and its HMT parameters from ``hmt_checkpoint``
+    (None: freshly drawn)."""
+    from omegaconf import OmegaConf
+
+    from hmt_plugin.eval.model_loading import load_hmt_model
+
     return load_hmt_model(
-        OmegaConf.create(node), OmegaConf.create(checkpointer_node(source, work / "scratch")),
+        OmegaConf.create(node), OmegaConf.create(checkpointer_node(source, scratch)),
         None if hmt_checkpoint is None else str(hmt_checkpoint), device=device, dtype=dtype,
-        seed=args.seed,
+        seed=seed,
     )
 
 

@@ -168,15 +168,12 @@ def load_run(args, run_dir: Path, work: Path):
     from omegaconf import OmegaConf
     from torchtune import config as tt_config
 
-    from hmt_plugin.bench.quality_pretrained import checkpointer_node, hf_model_node, tokenizer_node
-    from hmt_plugin.eval.model_loading import load_hmt_model
+    from hmt_plugin.bench.quality_pretrained import hf_model_node, load_model, tokenizer_node
 
     node = hf_model_node(args, mode=settings["mode"], segment_length=settings["segment_length"],
                          bptt_depth=1, lora=False)
-    model = load_hmt_model(OmegaConf.create(node),
-                           OmegaConf.create(checkpointer_node(final, work / "scratch")),
-                           str(final), device=torch.device("cpu"), dtype=torch.float32,
-                           seed=args.seed)
+    model = load_model(node, final, final, work / "scratch", device=torch.device("cpu"),
+                       dtype=torch.float32, seed=args.seed)
     return model, tt_config.instantiate(OmegaConf.create(tokenizer_node(args)))
 
 
@@ -288,6 +285,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     apply_quick(args, argv, QUICK, work_dir="outputs/bench/recall-quick")
     if min(args.distances) < 0:
         parser.error("--distances must be >= 0")
+    if args.memory_sink and not args.backbone:
+        parser.error("--memory_sink applies to a pretrained backbone: add --backbone DIR, or drop "
+                     "it for the tiny random Llama.")
     if args.backbone:
         args.backbone = str(Path(args.backbone).expanduser())
         if not (Path(args.backbone) / "config.json").is_file():
